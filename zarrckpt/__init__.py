@@ -1,0 +1,49 @@
+"""zarrckpt: BrainPy / JAX PyTree checkpoints as chunked Zarr v3 stores.
+
+Drop-in for ``bp.checkpoints``::
+
+    import zarrckpt
+    zarrckpt.save_pytree("ckpt/", {"net": net.state_dict(), "epoch_i": 3})
+    state = zarrckpt.load_pytree("ckpt/")
+"""
+
+from . import _dtypes  # noqa: F401  (registers bfloat16 & co. with zarr-python)
+from ._async import AsyncManager
+from ._brainpy import StateLoadResult, load_module, save_module
+from .api import latest_step, list_steps, load_pytree, save_pytree
+from .errors import (
+    AlreadyExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    MissingCheckpointWarning,
+    StoreError,
+    StructureMismatchError,
+    StructureMismatchWarning,
+    UnsupportedLeafError,
+    ZarrCkptError,
+    ZarrCkptWarning,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncManager",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "MissingCheckpointWarning",
+    "StateLoadResult",
+    "StoreError",
+    "StructureMismatchError",
+    "StructureMismatchWarning",
+    "UnsupportedLeafError",
+    "ZarrCkptError",
+    "ZarrCkptWarning",
+    "__version__",
+    "latest_step",
+    "list_steps",
+    "load_module",
+    "load_pytree",
+    "save_module",
+    "save_pytree",
+]

@@ -1,0 +1,192 @@
+"""The async core: write and read many leaves and chunks at once, with bounded memory.
+
+Every chunk of every leaf is one task on zarrckpt's event loop; a byte budget bounds how
+much encoded data is in flight (so memory stays flat however large the state), and a
+count limit bounds concurrent requests. Encoding and decoding of large chunks runs in the
+I/O thread pool (numcodecs and google-crc32c release the GIL); small ones run inline,
+where a thread hop would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._format import ArrayLayout
+from ._store import Storage
+from .errors import CorruptCheckpointError
+
+__all__ = ["LeafData", "read_leaves", "write_step"]
+
+#: Encoded bytes allowed in flight per save or load.
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+#: Concurrent store requests per save or load.
+MAX_REQUESTS_IN_FLIGHT = 64
+#: Chunks smaller than this are encoded/decoded on the loop thread.
+_INLINE_BYTES = 256 * 1024
+
+
+class _Budget:
+    """A semaphore counted in bytes; one oversized request may always go alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class LeafData:
+    """A leaf to write: its path in the step, host array, layout and zarr attributes."""
+
+    path: str
+    array: np.ndarray
+    layout: ArrayLayout
+    attributes: dict[str, Any]
+
+
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _group_json(attributes: dict[str, Any] | None = None) -> bytes:
+    return _json_bytes({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}})
+
+
+async def _offload(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+    if nbytes < _INLINE_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _gather_bounded(jobs: Iterable[Callable[[], Any]], limit: int) -> None:
+    """Run coroutine factories, at most ``limit`` at once; the first error cancels the rest."""
+    pending: set[asyncio.Task[Any]] = set()
+
+    def check(done: set[asyncio.Task[Any]]) -> None:
+        errors = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+
+    try:
+        for job in jobs:
+            if len(pending) >= limit:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                check(done)
+            pending.add(asyncio.create_task(job()))
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            check(done)
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise
+
+
+async def write_step(
+    storage: Storage,
+    step_dir: str,
+    leaves: list[LeafData],
+    group_paths: list[str],
+    step_attributes: dict[str, Any],
+    progress: Callable[[int], None] = lambda n: None,
+    max_requests: int = MAX_REQUESTS_IN_FLIGHT,
+) -> None:
+    """Write a whole step under ``step_dir``; its group ``zarr.json`` goes last."""
+    budget = _Budget(MAX_BYTES_IN_FLIGHT)
+
+    def prefixed(path: str) -> str:
+        return f"{step_dir}/{path}" if path else step_dir
+
+    def put_json(key: str, data: bytes) -> Callable[[], Any]:
+        return lambda: storage.put(key, [data])
+
+    def put_chunk(leaf: LeafData, idx: tuple[int, ...]) -> Callable[[], Any]:
+        layout = leaf.layout
+        size = layout.chunk_nbytes
+
+        async def job() -> None:
+            await budget.acquire(size)
+            try:
+                chunk = layout.chunk_data(leaf.array, idx)
+                parts = await _offload(size, layout.encode_chunk, chunk)
+                await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
+            finally:
+                await budget.release(size)
+            progress(min(size, layout.nbytes))
+
+        return job
+
+    def jobs() -> Iterable[Callable[[], Any]]:
+        for path in group_paths:
+            if path:
+                yield put_json(f"{prefixed(path)}/zarr.json", _group_json())
+        for leaf in leaves:
+            meta = _json_bytes(leaf.layout.zarr_json(leaf.attributes))
+            yield put_json(f"{prefixed(leaf.path)}/zarr.json", meta)
+            if leaf.layout.nbytes:
+                for idx in leaf.layout.chunk_ids():
+                    yield put_chunk(leaf, idx)
+
+    await _gather_bounded(jobs(), max_requests)
+    await storage.put(f"{step_dir}/zarr.json", [_group_json(step_attributes)])
+
+
+async def read_leaves(
+    storage: Storage,
+    step_dir: str,
+    layouts: dict[str, ArrayLayout],
+    progress: Callable[[int], None] = lambda n: None,
+    parallel: bool = True,
+) -> dict[str, np.ndarray]:
+    """Read whole leaves (path -> layout) into fresh arrays, chunks decoded in place."""
+    budget = _Budget(MAX_BYTES_IN_FLIGHT)
+    out = {path: np.empty(layout.shape, dtype=layout.dtype) for path, layout in layouts.items()}
+
+    def get_chunk(path: str, layout: ArrayLayout, idx: tuple[int, ...]) -> Callable[[], Any]:
+        size = layout.chunk_nbytes
+        key = f"{step_dir}/{path}/{layout.chunk_key(idx)}"
+
+        def decode_into(data: bytes) -> None:
+            chunk = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})")
+            region = layout.chunk_region(idx)
+            out[path][region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+
+        async def job() -> None:
+            await budget.acquire(size)
+            try:
+                data = await storage.get(key)
+                if data is None:
+                    raise CorruptCheckpointError(
+                        f"leaf {path!r}: chunk {storage.describe(key)} is missing"
+                    )
+                await _offload(size, decode_into, data)
+            finally:
+                await budget.release(size)
+            progress(min(size, layout.nbytes))
+
+        return job
+
+    def jobs() -> Iterable[Callable[[], Any]]:
+        for path, layout in layouts.items():
+            if layout.nbytes:
+                for idx in layout.chunk_ids():
+                    yield get_chunk(path, layout, idx)
+
+    await _gather_bounded(jobs(), MAX_REQUESTS_IN_FLIGHT if parallel else 1)
+    return out

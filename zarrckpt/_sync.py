@@ -1,0 +1,56 @@
+"""The one place that blocks on coroutines.
+
+zarrckpt's core is async (one event loop issues many reads and writes at once). The
+blocking API runs coroutines on a private loop in a daemon thread, so it works the same
+from scripts, from threads, and from Jupyter (whose own loop is already running in the
+main thread). Calling the blocking API from inside that private loop would deadlock and
+raises instead. fsspec's async filesystems belong to the loop they were created on; every
+store zarrckpt opens is only ever used on this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+__all__ = ["IO_THREADS", "run"]
+
+T = TypeVar("T")
+
+#: Threads for blocking file I/O and codec work (which releases the GIL).
+IO_THREADS = int(os.environ.get("ZARRCKPT_IO_THREADS", "8"))
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+_pid: int | None = None
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop, _thread, _pid
+    with _lock:
+        if _loop is None or _pid != os.getpid():  # (re)create after fork
+            loop = asyncio.new_event_loop()
+            loop.set_default_executor(
+                ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="zarrckpt-io")
+            )
+            thread = threading.Thread(target=loop.run_forever, name="zarrckpt-loop", daemon=True)
+            thread.start()
+            _loop, _thread, _pid = loop, thread, os.getpid()
+        return _loop
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on zarrckpt's loop and block until it finishes."""
+    loop = _get_loop()
+    if threading.current_thread() is _thread:
+        coro.close()
+        raise RuntimeError(
+            "zarrckpt's blocking API was called from its own event loop thread; "
+            "await the async core instead"
+        )
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()

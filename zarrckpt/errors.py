@@ -1,0 +1,61 @@
+"""The one exception and warning hierarchy of zarrckpt.
+
+Every error raised on purpose derives from :class:`ZarrCkptError`, and also from the
+built-in exception a caller would naturally catch, so ``except FileExistsError`` keeps
+working around :class:`AlreadyExistsError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "MissingCheckpointWarning",
+    "StoreError",
+    "StructureMismatchError",
+    "StructureMismatchWarning",
+    "UnsupportedLeafError",
+    "ZarrCkptError",
+    "ZarrCkptWarning",
+]
+
+
+class ZarrCkptError(Exception):
+    """Base class of every error zarrckpt raises on purpose."""
+
+
+class AlreadyExistsError(ZarrCkptError, FileExistsError):
+    """A step at or after the one being saved is committed and ``overwrite=False``."""
+
+
+class CheckpointNotFoundError(ZarrCkptError, FileNotFoundError):
+    """The requested step (or checkpoint) is not committed."""
+
+
+class CorruptCheckpointError(ZarrCkptError, ValueError):
+    """The root is not a zarrckpt checkpoint, or a leaf's stored data is damaged."""
+
+
+class StructureMismatchError(ZarrCkptError, ValueError):
+    """A checkpoint's structure, shapes or dtypes do not match the restore target."""
+
+
+class UnsupportedLeafError(ZarrCkptError, TypeError):
+    """A leaf (or container) cannot be stored; the message names its path."""
+
+
+class StoreError(ZarrCkptError, OSError):
+    """The storage backend failed; the message names the URL."""
+
+
+class ZarrCkptWarning(UserWarning):
+    """Base class of every warning zarrckpt emits."""
+
+
+class MissingCheckpointWarning(ZarrCkptWarning):
+    """``load_pytree`` found no checkpoint and returned the target unchanged."""
+
+
+class StructureMismatchWarning(ZarrCkptWarning):
+    """A mismatch tolerated because ``mismatch="warn"``."""
