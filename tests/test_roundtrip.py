@@ -1,0 +1,110 @@
+"""Every leaf and container kind comes back as saved, on every backend."""
+
+from collections import OrderedDict, namedtuple
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import ML, NUMERIC, assert_same
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import zarrckpt
+
+Point = namedtuple("Point", "x y")
+
+def roundtrip(url, tree, **kwargs):
+    zarrckpt.save_pytree(url, tree, verbose=False, **kwargs)
+    return zarrckpt.load_pytree(url)
+
+
+@pytest.mark.parametrize("dtype", NUMERIC + ML, ids=str)
+def test_every_dtype(url, dtype):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(3, 5) if np.dtype(dtype).itemsize else 0, dtype=np.uint8)
+    a = np.frombuffer(rng.bytes(15 * np.dtype(dtype).itemsize), dtype=dtype).reshape(3, 5)
+    if np.dtype(dtype) == np.bool_:
+        a = raw % 2 == 1
+    tree = {"a": a, "zero_d": a[0, 0].reshape(()), "empty": a[:0]}
+    assert_same(roundtrip(url, tree), tree)
+
+
+def test_containers_and_python_leaves(url):
+    tree = {
+        "dict": {"a": 1, 2: 2.5, "nested": {"deep": [True, None, 1 + 2j]}},
+        "list": [np.arange(3), "text", b"bytes", ()],
+        "tuple": (np.float32(1.5), np.int64(-3), np.bool_(True)),
+        "named": Point(np.zeros(2), [1, 2]),
+        "odict": OrderedDict([("z", 1), ("a", 2)]),
+        "none": None,
+        "empty": {},
+        "unicode ключ/with slash": "значение",
+        "": "empty key", "..": "dots", "__dunder": "reserved",
+    }  # fmt: skip
+    assert_same(roundtrip(url, tree), tree)
+
+
+def test_jax_arrays_load_as_numpy(url):
+    out = roundtrip(url, {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)})
+    assert type(out["w"]) is np.ndarray
+    np.testing.assert_array_equal(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_bare_leaf_and_bare_none(url):
+    assert_same(roundtrip(url, np.arange(4)), np.arange(4))
+    assert roundtrip(url, None) is None
+
+
+def test_big_endian_and_non_contiguous_inputs(url):
+    big = np.arange(12, dtype=">i4").reshape(3, 4)
+    strided = np.arange(40, dtype=np.float64).reshape(5, 8)[::2, 1::3]
+    out = roundtrip(url, {"big": big, "strided": strided})
+    np.testing.assert_array_equal(out["big"], big)
+    assert out["big"].dtype == np.dtype("int32")
+    np.testing.assert_array_equal(out["strided"], strided)
+
+
+@pytest.mark.parametrize("codec", [None, "none", "zstd", "zstd:7", "gzip:1"])
+@pytest.mark.parametrize("shape", [(1000,), (37, 11), (4, 5, 6), ()])
+def test_chunked_arrays_across_codecs(url, codec, shape):
+    a = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    spikes = np.random.default_rng(2).random(shape) < 0.02
+    tree = {"v": a, "s": spikes}
+    assert_same(roundtrip(url, tree, chunk_bytes=100, codec=codec), tree)
+
+
+def test_bad_codec_and_chunk_values(url):
+    with pytest.raises(ValueError, match="unknown codec 'lz4'"):
+        zarrckpt.save_pytree(url, {"a": np.ones(2)}, codec="lz4", verbose=False)
+    with pytest.raises(ValueError, match="level must be an integer"):
+        zarrckpt.save_pytree(url, {"a": np.ones(2)}, codec="zstd:x", verbose=False)
+    assert zarrckpt.list_steps(url) == []
+
+
+# --- random nested trees ------------------------------------------------------------------
+
+_dtypes = st.sampled_from(["bool", "int8", "int32", "uint16", "float32", "float64", "complex64"])
+_arrays = _dtypes.flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+)
+_scalars = st.one_of(
+    st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=8)
+)
+_keys = st.one_of(st.text(max_size=6), st.integers(-5, 50))
+_trees = st.recursive(
+    st.one_of(_arrays, _scalars, st.none()),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(_keys, children, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=_trees)
+def test_random_trees_roundtrip(tmp_path_factory, tree):
+    url = str(tmp_path_factory.mktemp("h") / "ckpt")
+    assert_same(roundtrip(url, tree, chunk_bytes=64), tree)
