@@ -1,0 +1,155 @@
+"""Steps, the manifest, overwrite/keep semantics and garbage collection."""
+
+import os
+
+import numpy as np
+import pytest
+
+import zarrckpt
+from zarrckpt import AlreadyExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from zarrckpt._store import open_storage
+from zarrckpt._sync import run
+
+
+def save(url, value, **kw):
+    kw.setdefault("verbose", False)
+    return zarrckpt.save_pytree(url, {"v": np.asarray(value)}, **kw)
+
+
+def load(url, **kw):
+    return int(zarrckpt.load_pytree(url, **kw)["v"])
+
+
+def step_dirs(url):
+    return [n for n in run(open_storage(url).list_dir("")) if n.startswith("step_")]
+
+
+def test_steps_count_up_and_keep_defaults_to_one(url):
+    for i in range(3):
+        save(url, i)
+    assert zarrckpt.list_steps(url) == [2]
+    assert zarrckpt.latest_step(url) == 2
+    assert load(url) == 2
+    assert len(step_dirs(url)) == 1  # dropped steps are deleted, not only unlisted
+
+
+def test_keep_none_keeps_all_and_keep_n_the_newest(url):
+    for i in range(4):
+        save(url, i * 10, keep=None)
+    assert zarrckpt.list_steps(url) == [0, 1, 2, 3]
+    assert [load(url, step=s) for s in range(4)] == [0, 10, 20, 30]
+    save(url, 40, keep=2)
+    assert zarrckpt.list_steps(url) == [3, 4]
+    assert len(step_dirs(url)) == 2
+
+
+def test_explicit_steps_and_overwrite_false(url):
+    save(url, 5, step=5, keep=None)
+    save(url, 7, step=7, keep=None)
+    with pytest.raises(AlreadyExistsError, match="cannot save step 7: step 7 is already committed"):
+        save(url, 0, step=7, overwrite=False)
+    with pytest.raises(AlreadyExistsError, match="cannot save step 6: step 7"):
+        save(url, 0, step=6, overwrite=False)
+    with pytest.raises(FileExistsError):  # the built-in a caller would catch
+        save(url, 0, step=3, overwrite=False)
+    save(url, 8, step=8, overwrite=False, keep=None)
+    save(url, 9, overwrite=False, keep=None)  # step=None never conflicts
+    assert zarrckpt.list_steps(url) == [5, 7, 8, 9]
+    assert load(url, step=7) == 7
+
+
+def test_overwrite_replaces_the_step_and_drops_later_ones(url):
+    for s in (1, 2, 3):
+        save(url, s, step=s, keep=None)
+    save(url, 20, step=2, keep=None)
+    assert zarrckpt.list_steps(url) == [1, 2]
+    assert load(url) == 20 and load(url, step=1) == 1
+    assert len(step_dirs(url)) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_bad_step_values(url, bad):
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        save(url, 0, step=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.0, True])
+def test_bad_keep_values(url, bad):
+    with pytest.raises(ValueError, match="keep must be a positive int or None"):
+        save(url, 0, keep=bad)
+
+
+def test_missing_checkpoint_returns_target_with_warning(url):
+    target = {"v": np.zeros(2)}
+    with pytest.warns(zarrckpt.MissingCheckpointWarning, match="no checkpoint at"):
+        assert zarrckpt.load_pytree(url, target) is target
+    with pytest.warns(zarrckpt.MissingCheckpointWarning):
+        assert zarrckpt.load_pytree(url) is None
+    assert zarrckpt.list_steps(url) == [] and zarrckpt.latest_step(url) is None
+
+
+def test_uncommitted_step_raises(url):
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint at .* \(asked for step 3\)"):
+        zarrckpt.load_pytree(url, step=3)
+    save(url, 1, keep=None)
+    save(url, 2, keep=None)
+    with pytest.raises(CheckpointNotFoundError, match=r"step 5 is not committed .*committed steps: \[0, 1\]"):
+        zarrckpt.load_pytree(url, step=5)
+    with pytest.raises(FileNotFoundError):
+        zarrckpt.load_pytree(url, step=5)
+
+
+def test_a_foreign_zarr_group_is_not_a_checkpoint(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "plain"), mode="w").create_array("x", shape=(2,), dtype="f4")
+    with pytest.raises(CorruptCheckpointError, match="is not a zarrckpt checkpoint"):
+        zarrckpt.load_pytree(str(tmp_path / "plain"))
+    with pytest.raises(CorruptCheckpointError, match="is not a zarrckpt checkpoint"):
+        save(str(tmp_path / "plain"), 1)
+
+
+def test_a_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "mnist-lif.bp"
+    path.write_bytes(b"\x81\xa3old msgpack")
+    with pytest.raises(CorruptCheckpointError, match="is a file, not a zarrckpt checkpoint"):
+        zarrckpt.load_pytree(str(path))
+    with pytest.raises(AlreadyExistsError, match="is an existing file"):
+        save(str(path), 1)
+    assert path.read_bytes() == b"\x81\xa3old msgpack"
+
+
+def test_newer_manifest_version_is_refused(local_url):
+    save(local_url, 1)
+    manifest = os.path.join(local_url, "zarr.json")
+    text = open(manifest).read().replace('"version": 1', '"version": 99')
+    with open(manifest, "w") as f:
+        f.write(text)
+    with pytest.raises(CorruptCheckpointError, match="version 99 is newer"):
+        zarrckpt.load_pytree(local_url)
+
+
+def test_debris_is_invisible_and_collected_by_the_next_save(url):
+    save(url, 1)
+    storage = open_storage(url)
+    run(storage.put("step_0000000009.deadbeef0000/v/zarr.json", [b"{}"]))  # a crashed save
+    assert zarrckpt.list_steps(url) == [0] and load(url) == 1
+    save(url, 2)
+    assert step_dirs(url) == [d for d in step_dirs(url) if not d.endswith("deadbeef0000")]
+    assert len(step_dirs(url)) == 1
+
+
+def test_save_returns_the_step_group(local_url):
+    import zarr
+
+    where = save(local_url, 42)
+    assert os.path.dirname(where) == local_url and os.path.basename(where).startswith("step_0000000000.")
+    assert zarr.open_group(where, mode="r")["v"][...] == 42
+
+
+def test_verbose_prints_a_summary(url, capsys):
+    save(url, 1, verbose=True)
+    zarrckpt.load_pytree(url, verbose=True)
+    out = capsys.readouterr().out
+    assert "zarrckpt: saved step 0 (1 leaves, 8 B) to " in out
+    assert "zarrckpt: loaded step 0 (1 leaves, 8 B) from " in out
