@@ -1,6 +1,7 @@
 """Steps, the manifest, overwrite/keep semantics and garbage collection."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,10 +122,8 @@ def test_a_file_is_not_a_checkpoint(tmp_path):
 
 def test_newer_manifest_version_is_refused(local_url):
     save(local_url, 1)
-    manifest = os.path.join(local_url, "zarr.json")
-    text = open(manifest).read().replace('"version": 1', '"version": 99')
-    with open(manifest, "w") as f:
-        f.write(text)
+    manifest = Path(local_url, "zarr.json")
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 99'))
     with pytest.raises(CorruptCheckpointError, match="version 99 is newer"):
         zarrckpt.load_pytree(local_url)
 
