@@ -26,5 +26,3 @@ def assert_same(a, b):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     else:
         assert a == b
-
-

@@ -76,4 +76,6 @@ def test_overwrite_check_is_synchronous(url):
     with AsyncManager() as manager:
         zarrckpt.save_pytree(url, {"w": 1}, step=3, async_manager=manager, verbose=False)
         with pytest.raises(zarrckpt.AlreadyExistsError):
-            zarrckpt.save_pytree(url, {"w": 1}, step=3, overwrite=False, async_manager=manager, verbose=False)
+            zarrckpt.save_pytree(
+                url, {"w": 1}, step=3, overwrite=False, async_manager=manager, verbose=False
+            )

@@ -17,7 +17,9 @@ class SNN(bp.DynamicalSystem):
     def __init__(self, tau):
         super().__init__()
         self.l1 = bp.dnn.Dense(28 * 28, 10, b_initializer=None)
-        self.l2 = bp.dyn.Lif(10, V_rest=0.0, V_reset=0.0, V_th=1.0, tau=2.0, spk_fun=bm.surrogate.arctan)
+        self.l2 = bp.dyn.Lif(
+            10, V_rest=0.0, V_reset=0.0, V_th=1.0, tau=2.0, spk_fun=bm.surrogate.arctan
+        )
 
     def update(self, x):
         return x >> self.l1 >> self.l2
@@ -46,7 +48,9 @@ class YourClass(bp.DynamicalSystem):  # the tutorial's custom class, verbatim
 
 
 def _values(module):
-    return {k: np.asarray(v.value).copy() for k, v in module.vars(method="relative").unique().items()}
+    return {
+        k: np.asarray(v.value).copy() for k, v in module.vars(method="relative").unique().items()
+    }
 
 
 def _train_step(net, opt, x):
@@ -118,12 +122,17 @@ def test_second_instance_restores_by_relative_path(tmp_path):
     with bm.training_environment():
         first, second = SNN(2.0), SNN(2.0)
     first.l2.V.value = bm.ones_like(first.l2.V.value) * 0.25
-    assert set(first.state_dict()) != set(second.state_dict())  # SNN0 vs SNN1: state_dict fails here
+    assert set(first.state_dict()) != set(
+        second.state_dict()
+    )  # SNN0 vs SNN1: state_dict fails here
     where = zarrckpt.save_module(first, str(tmp_path / "m"), verbose=False)
     import zarr
 
     group = zarr.open_group(where, mode="r")
-    assert sorted(group["l1"].array_keys()) == ["W"] and sorted(group["l2"].array_keys()) == ["V", "spike"]
+    assert sorted(group["l1"].array_keys()) == ["W"] and sorted(group["l2"].array_keys()) == [
+        "V",
+        "spike",
+    ]
     result = zarrckpt.load_module(second, str(tmp_path / "m"))
     assert result == zarrckpt.StateLoadResult([], [])
     for key, value in _values(first).items():
@@ -161,7 +170,15 @@ def test_load_module_honours_load_state_and_reports_keys(tmp_path):
     assert zarrckpt.load_module(h2, str(tmp_path / "h")) == ([], [])
     assert np.asarray(h2.inner.c).tobytes() == np.asarray(h.inner.c).tobytes()
 
-    zarrckpt.save_pytree(str(tmp_path / "h"), {"w": np.ones(2, np.float32), "zz": np.ones(1), "inner": zarrckpt.load_pytree(str(tmp_path / "h"))["inner"]}, verbose=False)
+    zarrckpt.save_pytree(
+        str(tmp_path / "h"),
+        {
+            "w": np.ones(2, np.float32),
+            "zz": np.ones(1),
+            "inner": zarrckpt.load_pytree(str(tmp_path / "h"))["inner"],
+        },
+        verbose=False,
+    )
     with pytest.warns(UserWarning, match="Unexpected keys"):
         result = zarrckpt.load_module(h2, str(tmp_path / "h"))
     assert result.unexpected_keys == ["zz"] and result.missing_keys == []
@@ -187,7 +204,10 @@ def test_module_shape_mismatch_names_the_key(tmp_path):
             self.l1 = bp.dyn.Lif(n)
 
     zarrckpt.save_module(Layer(10), str(tmp_path / "m"), verbose=False)
-    with pytest.raises(zarrckpt.StructureMismatchError, match=r"l1.V: shape \(10,\) dtype float32 in the checkpoint, shape \(11,\)"):
+    with pytest.raises(
+        zarrckpt.StructureMismatchError,
+        match=r"l1.V: shape \(10,\) dtype float32 in the checkpoint, shape \(11,\)",
+    ):
         zarrckpt.load_module(Layer(11), str(tmp_path / "m"))
 
 

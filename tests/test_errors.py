@@ -12,7 +12,11 @@ from zarrckpt import CorruptCheckpointError, UnsupportedLeafError
 
 
 def _files(root):
-    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")) if os.path.exists(root) else []
+    return (
+        sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+        if os.path.exists(root)
+        else []
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,7 +64,9 @@ def test_flipped_byte_raises_naming_the_leaf(local_url):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "garble-compressed"])
 def test_other_damage_is_reported(local_url, damage):
-    zarrckpt.save_pytree(local_url, {"spikes": np.zeros(4096, bool)}, verbose=False)  # zstd by default
+    zarrckpt.save_pytree(
+        local_url, {"spikes": np.zeros(4096, bool)}, verbose=False
+    )  # zstd by default
     chunk = _chunk(local_url, "spikes")
     if damage == "truncate":
         chunk.write_bytes(chunk.read_bytes()[:2])
@@ -81,7 +87,9 @@ def test_other_damage_is_reported(local_url, damage):
 def test_step_data_gone_but_listed(local_url):
     where = zarrckpt.save_pytree(local_url, {"w": 1}, verbose=False)
     os.remove(os.path.join(where, "zarr.json"))
-    with pytest.raises(CorruptCheckpointError, match="step 0 is listed in the manifest but its data is gone"):
+    with pytest.raises(
+        CorruptCheckpointError, match="step 0 is listed in the manifest but its data is gone"
+    ):
         zarrckpt.load_pytree(local_url)
 
 

@@ -18,7 +18,6 @@ NOT_IN_TENSORSTORE = {"float8_e4m3", "uint4", "uint2"}
 TS_DTYPES = [d for d in ALL_DTYPES if np.dtype(d).name not in NOT_IN_TENSORSTORE]
 
 
-
 def _sample(dtype, shape=(7, 6)):
     rng = np.random.default_rng(3)
     if np.dtype(dtype) == np.bool_:
@@ -36,7 +35,9 @@ def _step_path(root):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_zarr_python_reads_every_dtype_and_codec(local_url, dtype, codec):
     a = _sample(dtype)
-    zarrckpt.save_pytree(local_url, {"net": {"w": a}}, codec=codec, chunk_bytes=4 * a.itemsize * 6, verbose=False)
+    zarrckpt.save_pytree(
+        local_url, {"net": {"w": a}}, codec=codec, chunk_bytes=4 * a.itemsize * 6, verbose=False
+    )
     group = zarr.open_group(_step_path(local_url), mode="r")
     arr = group["net/w"]
     assert arr.shape == a.shape and arr.dtype == a.dtype and arr.chunks == (4, 6)
@@ -47,7 +48,13 @@ def test_zarr_python_reads_every_dtype_and_codec(local_url, dtype, codec):
 @pytest.mark.parametrize("dtype", TS_DTYPES, ids=str)
 def test_tensorstore_reads_every_dtype(local_url, dtype):
     a = _sample(dtype)
-    zarrckpt.save_pytree(local_url, {"w": a, "scalar": a[0, 0].reshape(())}, codec="zstd:1", chunk_bytes=3 * 6 * a.itemsize, verbose=False)
+    zarrckpt.save_pytree(
+        local_url,
+        {"w": a, "scalar": a[0, 0].reshape(())},
+        codec="zstd:1",
+        chunk_bytes=3 * 6 * a.itemsize,
+        verbose=False,
+    )
     step = _step_path(local_url)
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(step, "w")}}
     got = ts.open(spec, read=True).result().read().result()
@@ -57,7 +64,11 @@ def test_tensorstore_reads_every_dtype(local_url, dtype):
 
 
 def test_zarr_python_sees_the_hierarchy(local_url):
-    zarrckpt.save_pytree(local_url, {"net": {"l1": {"W": np.ones((2, 3))}, "l2": {"V": np.zeros(4)}}, "epoch": 3}, verbose=False)
+    zarrckpt.save_pytree(
+        local_url,
+        {"net": {"l1": {"W": np.ones((2, 3))}, "l2": {"V": np.zeros(4)}}, "epoch": 3},
+        verbose=False,
+    )
     root = zarr.open_group(local_url, mode="r")  # the checkpoint root is itself a group
     assert root.attrs["zarrckpt"]["steps"][0]["step"] == 0
     step = zarr.open_group(_step_path(local_url), mode="r")
@@ -76,7 +87,10 @@ def test_readers_detect_a_damaged_chunk(local_url):
     chunk.write_bytes(bytes(data))
     with pytest.raises(Exception, match=r"(?i)checksum"):
         zarr.open_array(os.path.join(_step_path(local_url), "w"), mode="r")[:]
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(_step_path(local_url), "w")}}
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": os.path.join(_step_path(local_url), "w")},
+    }
     with pytest.raises(ValueError, match=r"(?i)checksum|DATA_LOSS"):
         ts.open(spec, read=True).result().read().result()
 

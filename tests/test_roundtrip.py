@@ -14,6 +14,7 @@ import zarrckpt
 
 Point = namedtuple("Point", "x y")
 
+
 def roundtrip(url, tree, **kwargs):
     zarrckpt.save_pytree(url, tree, verbose=False, **kwargs)
     return zarrckpt.load_pytree(url)
@@ -103,7 +104,9 @@ _trees = st.recursive(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(tree=_trees)
 def test_random_trees_roundtrip(tmp_path_factory, tree):
     url = str(tmp_path_factory.mktemp("h") / "ckpt")

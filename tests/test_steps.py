@@ -94,7 +94,9 @@ def test_uncommitted_step_raises(url):
         zarrckpt.load_pytree(url, step=3)
     save(url, 1, keep=None)
     save(url, 2, keep=None)
-    with pytest.raises(CheckpointNotFoundError, match=r"step 5 is not committed .*committed steps: \[0, 1\]"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"step 5 is not committed .*committed steps: \[0, 1\]"
+    ):
         zarrckpt.load_pytree(url, step=5)
     with pytest.raises(FileNotFoundError):
         zarrckpt.load_pytree(url, step=5)
@@ -142,7 +144,9 @@ def test_save_returns_the_step_group(local_url):
     import zarr
 
     where = save(local_url, 42)
-    assert os.path.dirname(where) == local_url and os.path.basename(where).startswith("step_0000000000.")
+    assert os.path.dirname(where) == local_url and os.path.basename(where).startswith(
+        "step_0000000000."
+    )
     assert zarr.open_group(where, mode="r")["v"][...] == 42
 
 

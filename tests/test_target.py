@@ -40,7 +40,9 @@ def test_jax_target_keeps_its_sharding(url):
 
 
 def test_mismatch_error_names_every_path(url):
-    zarrckpt.save_pytree(url, {"a": np.zeros((2, 3)), "b": np.zeros(2, np.int32), "extra": 1}, verbose=False)
+    zarrckpt.save_pytree(
+        url, {"a": np.zeros((2, 3)), "b": np.zeros(2, np.int32), "extra": 1}, verbose=False
+    )
     target = {"a": np.zeros((3, 2)), "b": np.zeros(2, np.int64), "new": np.zeros(1)}
     with pytest.raises(StructureMismatchError) as info:
         zarrckpt.load_pytree(url, target)

@@ -22,7 +22,9 @@ class AsyncManager:
     """Runs one checkpoint save at a time in the background (API of braintools' manager)."""
 
     def __init__(self, max_workers: int = 1) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="zarrckpt-save")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="zarrckpt-save"
+        )
         self._future: Future[Any] | None = None
         self._lock = threading.Lock()
         self._closed = False

@@ -126,7 +126,9 @@ def load_module(
     if only is not None:
         only = only.replace("/", ".").strip(".")
         if only not in nodes:
-            raise KeyError(f"{only!r} is not a sub-module; sub-modules: {sorted(p for p in nodes if p)}")
+            raise KeyError(
+                f"{only!r} is not a sub-module; sub-modules: {sorted(p for p in nodes if p)}"
+            )
         nodes = {p: n for p, n in nodes.items() if p == only or p.startswith(only + ".")}
     children: dict[str, set[str]] = {p: set() for p in nodes}
     for path in nodes:
@@ -164,4 +166,3 @@ def load_module(
     if warn and missing:
         warnings.warn(f"Missing keys in the checkpoint: {missing}", UserWarning, stacklevel=2)
     return StateLoadResult(missing, unexpected)
-

@@ -66,7 +66,9 @@ def fill_value_json(dtype: np.dtype) -> Any:
         return False
     if dtype.kind == "c":
         return [0.0, 0.0]
-    if dtype.kind in "iu" or (dtype in _ML_DTYPES and _ML_DTYPES[dtype].startswith(("int", "uint"))):
+    if dtype.kind in "iu" or (
+        dtype in _ML_DTYPES and _ML_DTYPES[dtype].startswith(("int", "uint"))
+    ):
         return 0
     return 0.0
 

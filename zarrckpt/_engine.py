@@ -10,6 +10,7 @@ where a thread hop would cost more than the work.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from ._format import ArrayLayout
+from ._indexing import Selection, normalize
 from ._store import Storage
 from .errors import CorruptCheckpointError
 
-__all__ = ["LeafData", "read_leaves", "write_step"]
+__all__ = ["LeafData", "read_leaves", "read_selections", "write_step"]
 
 #: Encoded bytes allowed in flight per save or load.
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
@@ -147,25 +149,31 @@ async def write_step(
     await storage.put(f"{step_dir}/zarr.json", [_group_json(step_attributes)])
 
 
-async def read_leaves(
+async def read_selections(
     storage: Storage,
     step_dir: str,
-    layouts: dict[str, ArrayLayout],
+    requests: dict[str, tuple[ArrayLayout, Selection]],
     progress: Callable[[int], None] = lambda n: None,
     parallel: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Read whole leaves (path -> layout) into fresh arrays, chunks decoded in place."""
+    """Read a selection of each leaf (path -> (layout, selection)); touched chunks only."""
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
-    out = {path: np.empty(layout.shape, dtype=layout.dtype) for path, layout in layouts.items()}
+    blocks = {
+        path: np.empty(sel.shape, dtype=layout.dtype) for path, (layout, sel) in requests.items()
+    }
 
-    def get_chunk(path: str, layout: ArrayLayout, idx: tuple[int, ...]) -> Callable[[], Any]:
+    def get_chunk(
+        path: str, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
+    ) -> Callable[[], Any]:
+        idx = tuple(p[0] for p in parts)
+        inner = tuple(p[1] for p in parts)
+        outer = tuple(p[2] for p in parts)
         size = layout.chunk_nbytes
         key = f"{step_dir}/{path}/{layout.chunk_key(idx)}"
 
         def decode_into(data: bytes) -> None:
             chunk = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})")
-            region = layout.chunk_region(idx)
-            out[path][region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+            blocks[path][outer] = chunk[inner]
 
         async def job() -> None:
             await budget.acquire(size)
@@ -178,15 +186,32 @@ async def read_leaves(
                 await _offload(size, decode_into, data)
             finally:
                 await budget.release(size)
-            progress(min(size, layout.nbytes))
+            progress(int(blocks[path][outer].nbytes))
 
         return job
 
     def jobs() -> Iterable[Callable[[], Any]]:
-        for path, layout in layouts.items():
-            if layout.nbytes:
-                for idx in layout.chunk_ids():
-                    yield get_chunk(path, layout, idx)
+        for path, (layout, sel) in requests.items():
+            if not blocks[path].size:
+                continue
+            per_axis = [
+                a.projections(c, n)
+                for a, c, n in zip(sel.axes, layout.chunks, layout.shape, strict=True)
+            ]
+            for parts in itertools.product(*per_axis):
+                yield get_chunk(path, layout, parts)
 
     await _gather_bounded(jobs(), MAX_REQUESTS_IN_FLIGHT if parallel else 1)
-    return out
+    return {path: sel.finish(blocks[path]) for path, (_, sel) in requests.items()}
+
+
+async def read_leaves(
+    storage: Storage,
+    step_dir: str,
+    layouts: dict[str, ArrayLayout],
+    progress: Callable[[int], None] = lambda n: None,
+    parallel: bool = True,
+) -> dict[str, np.ndarray]:
+    """Read whole leaves (path -> layout) into fresh arrays."""
+    requests = {path: (layout, normalize((), layout.shape)) for path, layout in layouts.items()}
+    return await read_selections(storage, step_dir, requests, progress, parallel)

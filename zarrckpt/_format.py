@@ -48,7 +48,9 @@ def parse_codec(codec: str) -> str:
     if name in ("none", "raw") and not level:
         return "none"
     if name not in _COMPRESSORS:
-        raise ValueError(f"unknown codec {codec!r}; expected 'none', 'zstd[:LEVEL]' or 'gzip[:LEVEL]'")
+        raise ValueError(
+            f"unknown codec {codec!r}; expected 'none', 'zstd[:LEVEL]' or 'gzip[:LEVEL]'"
+        )
     try:
         lvl = int(level) if level else _COMPRESSORS[name][1]
     except ValueError:
@@ -98,7 +100,9 @@ class ArrayLayout:
     ) -> ArrayLayout:
         dtype = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
         chunks = chunk_shape(array.shape, dtype.itemsize, chunk_bytes or DEFAULT_CHUNK_BYTES)
-        return cls(array.shape, dtype, chunks, parse_codec(codec) if codec else default_codec(dtype))
+        return cls(
+            array.shape, dtype, chunks, parse_codec(codec) if codec else default_codec(dtype)
+        )
 
     # --- index entries (the step record) -----------------------------------------------------
 
@@ -209,7 +213,9 @@ class ArrayLayout:
         payload = buf[:-4]
         stored = int.from_bytes(buf[-4:].tobytes(), "little")
         if google_crc32c.value(payload) != stored:
-            raise CorruptCheckpointError(f"{where}: crc32c checksum mismatch (the chunk is damaged)")
+            raise CorruptCheckpointError(
+                f"{where}: crc32c checksum mismatch (the chunk is damaged)"
+            )
         if self.codec != "none":
             name, level = self.codec.split(":")
             try:

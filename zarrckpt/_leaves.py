@@ -101,7 +101,10 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, di
     """
     bp_array = _brainpy_array_type()
     if _is(value, bp_array):
-        return _host_array(path, value.value, copy), {"kind": "brainpy", "class": type(value).__name__}
+        return _host_array(path, value.value, copy), {
+            "kind": "brainpy",
+            "class": type(value).__name__,
+        }
     if _is(value, _module_attr("brainstate", "State")):
         inner = value.value
         if _is(inner, _quantity_type()):

@@ -101,7 +101,9 @@ class Manifest:
         try:
             doc = json.loads(data)
         except ValueError as exc:
-            raise CorruptCheckpointError(f"{where}: the manifest is not valid JSON ({exc})") from exc
+            raise CorruptCheckpointError(
+                f"{where}: the manifest is not valid JSON ({exc})"
+            ) from exc
         meta = doc.get("attributes", {}).get("zarrckpt") if isinstance(doc, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != "zarrckpt":
             raise CorruptCheckpointError(

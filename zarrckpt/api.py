@@ -283,9 +283,13 @@ def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
     """Why the saved leaf ``rec`` cannot restore ``value`` (None if it can)."""
     kind = rec.get("kind")
     if isinstance(value, (str, bytes)) or kind in ("str", "bytes"):
-        expected = "str" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "array"
+        expected = (
+            "str" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "array"
+        )
         found = kind if kind in ("str", "bytes") else "array"
-        return None if expected == found else f"{path}: target is {expected}, checkpoint has {found}"
+        return (
+            None if expected == found else f"{path}: target is {expected}, checkpoint has {found}"
+        )
     described = _leaves.describe(value)
     if described is None:
         return f"{path}: target leaf of type {type(value).__name__} cannot be restored"
@@ -308,16 +312,22 @@ def _restore_into(
     problems, wanted = [], {}
     for path, value in flat:
         rec = saved.get(path)
-        problem = f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
+        problem = (
+            f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
+        )
         if problem:
             problems.append(problem)
         else:
             wanted[path] = rec
     target_paths = {path for path, _ in flat}
-    problems += [f"{p}: in the checkpoint, not in the target" for p in saved if p not in target_paths]
+    problems += [
+        f"{p}: in the checkpoint, not in the target" for p in saved if p not in target_paths
+    ]
     if problems and mismatch != "ignore":
         listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        message = f"{opened.location} does not match the target ({len(problems)} leaves):\n  {listing}"
+        message = (
+            f"{opened.location} does not match the target ({len(problems)} leaves):\n  {listing}"
+        )
         if mismatch == "error":
             raise StructureMismatchError(message)
         warnings.warn(message, StructureMismatchWarning, stacklevel=3)

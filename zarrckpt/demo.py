@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         def __init__(self, tau: float) -> None:
             super().__init__()
             self.l1 = bp.dnn.Dense(28 * 28, 10, b_initializer=None)
-            self.l2 = bp.dyn.Lif(10, V_rest=0.0, V_reset=0.0, V_th=1.0, tau=tau, spk_fun=bm.surrogate.arctan)
+            self.l2 = bp.dyn.Lif(
+                10, V_rest=0.0, V_reset=0.0, V_th=1.0, tau=tau, spk_fun=bm.surrogate.arctan
+            )
 
         def update(self, x):  # type: ignore[no-untyped-def]
             return x >> self.l1 >> self.l2
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"committed steps: {zarrckpt.list_steps(root)}")
     state = zarrckpt.load_pytree(root)
     result = net.load_state_dict(state["net"])
-    print(f"net.load_state_dict -> missing {result.missing_keys}, unexpected {result.unexpected_keys}")
-    print(f"latest step {zarrckpt.latest_step(root)}: epoch {state['epoch_i']}, loss {state['train_loss']:.5f}")
+    print(
+        f"net.load_state_dict -> missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+    )
+    print(
+        f"latest step {zarrckpt.latest_step(root)}: epoch {state['epoch_i']}, loss {state['train_loss']:.5f}"
+    )
 
     # A second instance cannot load the first's state_dict (SNN1 != SNN0), but relative paths work.
     start = time.perf_counter()
@@ -75,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     result = zarrckpt.load_module(other, modules)
     same = all(
         np.array_equal(np.asarray(a.value), np.asarray(b.value))
-        for a, b in zip(net.vars(method="relative").unique().values(),
-                        other.vars(method="relative").unique().values(), strict=True)  # fmt: skip
+        for a, b in zip(
+            net.vars(method="relative").unique().values(),
+            other.vars(method="relative").unique().values(),
+            strict=True,
+        )
     )
     print(f"load_module into a second instance: {result}, identical values: {same} "
           f"({time.perf_counter() - start:.2f} s)")  # fmt: skip
