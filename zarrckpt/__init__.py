@@ -11,6 +11,7 @@ from . import _dtypes  # noqa: F401  (registers bfloat16 & co. with zarr-python)
 from ._async import AsyncManager
 from ._brainpy import StateLoadResult, load_module, save_module
 from .api import latest_step, list_steps, load_pytree, save_pytree
+from .checkpoint import Checkpoint, LazyArray, TreeView, open_checkpoint
 from .errors import (
     AlreadyExistsError,
     CheckpointNotFoundError,
@@ -29,13 +30,16 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyExistsError",
     "AsyncManager",
+    "Checkpoint",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "LazyArray",
     "MissingCheckpointWarning",
     "StateLoadResult",
     "StoreError",
     "StructureMismatchError",
     "StructureMismatchWarning",
+    "TreeView",
     "UnsupportedLeafError",
     "ZarrCkptError",
     "ZarrCkptWarning",
@@ -44,6 +48,7 @@ __all__ = [
     "list_steps",
     "load_module",
     "load_pytree",
+    "open_checkpoint",
     "save_module",
     "save_pytree",
 ]

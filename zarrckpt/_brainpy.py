@@ -103,6 +103,21 @@ def _assign(var: Any, value: Any, key: str) -> None:
     var.value = jnp.asarray(array)
 
 
+def _load_only(filename: Any, only: str, step: int | None, storage_options: Any, parallel: bool,
+               verbose: bool) -> dict[str, Any]:  # fmt: skip
+    """Read only the sub-tree of sub-module ``only`` ("l2.sub"), nested as in the full state."""
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(filename, step=step, storage_options=storage_options)
+    path = only.replace(".", "/")
+    sub = ckpt.load(path, parallel=parallel, verbose=verbose) if path in ckpt else {}
+    state: dict[str, Any] = {}
+    where = _subtree(state, only, create=True)
+    assert where is not None
+    where.update(sub)
+    return state
+
+
 def load_module(
     module: Any,
     filename: Any,
@@ -119,9 +134,6 @@ def load_module(
     Returns ``StateLoadResult(missing_keys, unexpected_keys)`` with dotted relative keys
     (``"l2.V"``), like ``module.load_state_dict``. ``only="l2"`` restores that sub-module alone.
     """
-    state = load_pytree(filename, step=step, storage_options=storage_options,
-                        parallel=parallel, verbose=verbose)  # fmt: skip
-    state = state if isinstance(state, dict) else {}
     nodes = _nodes(module)
     if only is not None:
         only = only.replace("/", ".").strip(".")
@@ -130,6 +142,11 @@ def load_module(
                 f"{only!r} is not a sub-module; sub-modules: {sorted(p for p in nodes if p)}"
             )
         nodes = {p: n for p, n in nodes.items() if p == only or p.startswith(only + ".")}
+        state = _load_only(filename, only, step, storage_options, parallel, verbose)
+    else:
+        state = load_pytree(filename, step=step, storage_options=storage_options,
+                            parallel=parallel, verbose=verbose)  # fmt: skip
+    state = state if isinstance(state, dict) else {}
     children: dict[str, set[str]] = {p: set() for p in nodes}
     for path in nodes:
         if path:

@@ -25,6 +25,7 @@ from ._manifest import (
     new_step_dir,
     read_manifest,
 )
+from ._repr import human as _human
 from ._store import Storage, open_storage
 from ._sync import run
 from .errors import (
@@ -40,14 +41,6 @@ from .errors import (
 __all__ = ["latest_step", "list_steps", "load_pytree", "save_pytree"]
 
 Mismatch = Literal["error", "warn", "ignore"]
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 @contextmanager

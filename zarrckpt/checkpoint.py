@@ -1,0 +1,367 @@
+"""Lazy, read-only views of one committed step.
+
+:func:`open_checkpoint` reads two small documents — the manifest and the step's record —
+and nothing else: no array data, no per-leaf metadata. Indexing a view gives a sub-tree
+view or a :class:`LazyArray`; slicing a lazy array fetches only the chunks it touches.
+A view is pinned to its step: newer commits do not change what it shows, and if retention
+deletes its step, reads fail with a :class:`CheckpointNotFoundError` that says so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _repr, _tree
+from ._engine import read_selections
+from ._format import ArrayLayout
+from ._indexing import normalize
+from ._manifest import read_manifest
+from ._sync import run
+from .api import Mismatch, _materialize, _open_step, _OpenStep, _restore_into
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+__all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint"]
+
+
+def open_checkpoint(
+    filename: Any, step: int | None = None, storage_options: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Open a committed step (the latest by default) without reading array data."""
+    opened = _open_step(filename, step, storage_options)
+    if opened is None:
+        raise CheckpointNotFoundError(f"no checkpoint at {filename}")
+    return Checkpoint(opened)
+
+
+def _children(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Child name -> record of a container record."""
+    kind = record["type"]
+    kids = record.get("children", [])
+    if kind in ("dict", "odict"):
+        return dict(zip(record["names"], kids, strict=True))
+    if kind == "namedtuple":
+        return dict(zip((_tree.escape(f) for f in record["fields"]), kids, strict=True))
+    return {str(i): c for i, c in enumerate(kids)}
+
+
+def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """The record at ``path`` (``/``-separated, BrainPy dots allowed) and its canonical path."""
+    segments = [s for s in path.strip("/").split("/") if s] if path else []
+    canonical: list[str] = []
+
+    def walk(rec: dict[str, Any], atoms: list[list[str]]) -> dict[str, Any] | None:
+        if not atoms:
+            return rec
+        kids = _children(rec) if rec["type"] not in ("leaf", "none") else {}
+        head = atoms[0]
+        for n in range(len(head), 0, -1):  # longest dotted run that names a child
+            name = ".".join(head[:n])
+            for key in (name, _tree.escape(name)):
+                if key in kids:
+                    rest = [head[n:], *atoms[1:]] if n < len(head) else atoms[1:]
+                    found = walk(kids[key], rest)
+                    if found is not None:
+                        canonical.insert(0, key)
+                        return found
+        return None
+
+    found = walk(record, [re.split(r"\.", s) if s not in (".", "..") else [s] for s in segments])
+    if found is None:
+        names = _all_paths(record)
+        close = difflib.get_close_matches(path.replace(".", "/"), names, n=5, cutoff=0.4)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        top = sorted(_children(record)) if record["type"] not in ("leaf", "none") else []
+        raise KeyError(f"{path!r} is not in this checkpoint{hint} (top level: {top[:20]})")
+    return found, "/".join(canonical)
+
+
+def _all_paths(record: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    if record["type"] in ("leaf", "none"):
+        return out
+    for name, child in _children(record).items():
+        path = f"{prefix}/{name}" if prefix else name
+        out.append(path)
+        out += _all_paths(child, path)
+    return out
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """What the record says about one leaf."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    codec: str
+    kind: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _leaf_info(rec: dict[str, Any]) -> LeafInfo:
+    layout = ArrayLayout.from_json(rec)
+    return LeafInfo(
+        rec["path"],
+        layout.shape,
+        layout.dtype,
+        layout.chunks,
+        layout.codec,
+        rec.get("kind", "ndarray"),
+    )
+
+
+def _check_alive(opened: _OpenStep) -> None:
+    """Raise if the view's step is no longer committed (deleted by retention or overwrite)."""
+    manifest = run(read_manifest(opened.storage))
+    info = opened.info
+    if manifest is None or all(s.dir != info.dir for s in manifest.steps):
+        raise CheckpointNotFoundError(
+            f"step {info.step} of {opened.storage.url} has been deleted since this view "
+            "was opened (retention or overwrite); open the checkpoint again"
+        )
+
+
+class _View:
+    """Shared by :class:`Checkpoint` and :class:`TreeView`: a sub-tree of one step."""
+
+    def __init__(self, opened: _OpenStep, record: dict[str, Any], path: str) -> None:
+        self._opened = opened
+        self._record = record
+        self.path = path
+
+    # --- navigation ---------------------------------------------------------------------------
+
+    def _full(self, path: str) -> str:
+        return f"{self.path}/{path}" if self.path and path else self.path or path
+
+    def __getitem__(self, path: str) -> TreeView | LazyArray:
+        record, canonical = _resolve(self._record, path)
+        full = self._full(canonical)
+        if record["type"] == "leaf":
+            return LazyArray(self._opened, record, full)
+        return TreeView(self._opened, record, full)
+
+    def __contains__(self, path: object) -> bool:
+        try:
+            _resolve(self._record, str(path))
+        except KeyError:
+            return False
+        return True
+
+    def keys(self) -> list[str]:
+        if self._record["type"] in ("leaf", "none"):
+            return []
+        return list(_children(self._record))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def leaves(self) -> list[LeafInfo]:
+        return [_leaf_info(r) for r in _tree.iter_leaf_records(self._record)]
+
+    def tree(self) -> dict[str, Any] | LeafInfo | None:
+        """The saved structure with a :class:`LeafInfo` (shape, dtype, chunks, ...) per leaf."""
+
+        def build(rec: dict[str, Any]) -> Any:
+            if rec["type"] == "leaf":
+                return _leaf_info(rec)
+            if rec["type"] == "none":
+                return None
+            return {name: build(child) for name, child in _children(rec).items()}
+
+        return build(self._record)
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load(
+        self,
+        path: str = "",
+        target: Any = None,
+        *,
+        parallel: bool = True,
+        mismatch: Mismatch = "error",
+        verbose: bool = False,
+    ) -> Any:
+        """Materialise the sub-tree at ``path`` (all of this view by default), like ``load_pytree``."""
+        _check_alive(self._opened)
+        record, canonical = _resolve(self._record, path) if path else (self._record, "")
+        if target is None:
+            return _materialize(self._opened, record, parallel, verbose)
+        prefix = self._full(canonical)
+        return _restore_into(self._opened, record, target, mismatch, parallel, verbose, prefix)
+
+    def stats(self, path: str = "") -> dict[str, float]:
+        """min/max/mean/std/nnz of a leaf, computed chunk by chunk (memory: a few chunks)."""
+        leaf = self[path] if path else self
+        if not isinstance(leaf, LazyArray):
+            raise TypeError(f"{self._full(path)!r} is a sub-tree, not an array")
+        return leaf.stats()
+
+    # --- display ------------------------------------------------------------------------------
+
+    def _title(self) -> str:
+        return f"{self._opened.location}" + (f" :: {self.path}" if self.path else "")
+
+    def __repr__(self) -> str:
+        return _repr.text_tree(type(self).__name__, self._title(), self.tree(), self.leaves())
+
+    def _repr_html_(self) -> str:
+        return _repr.html_tree(type(self).__name__, self._title(), self.tree(), self.leaves())
+
+
+class Checkpoint(_View):
+    """A lazy, read-only view of one committed step of a checkpoint."""
+
+    def __init__(self, opened: _OpenStep) -> None:
+        super().__init__(opened, opened.record, "")
+
+    @property
+    def step(self) -> int:
+        return self._opened.info.step
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps committed now (re-reads the manifest)."""
+        manifest = run(read_manifest(self._opened.storage))
+        return manifest.step_numbers if manifest else []
+
+    @property
+    def location(self) -> str:
+        return self._opened.location
+
+    def info(self) -> dict[str, Any]:
+        leaves = self.leaves()
+        codecs: dict[str, int] = {}
+        dtypes: dict[str, int] = {}
+        for leaf in leaves:
+            codecs[leaf.codec] = codecs.get(leaf.codec, 0) + 1
+            dtypes[str(leaf.dtype)] = dtypes.get(str(leaf.dtype), 0) + 1
+        return {
+            "location": self.location,
+            "step": self.step,
+            "leaves": len(leaves),
+            "nbytes": sum(leaf.nbytes for leaf in leaves),
+            "chunks": sum(
+                math.prod(math.ceil(s / c) for s, c in zip(leaf.shape, leaf.chunks, strict=True))
+                for leaf in leaves
+            ),
+            "codecs": codecs,
+            "dtypes": dtypes,
+        }
+
+
+class TreeView(_View):
+    """A lazy view of a sub-tree (``ckpt["net/l2"]``)."""
+
+
+class LazyArray:
+    """One leaf, read on demand: NumPy-style slicing fetches only the chunks it touches."""
+
+    def __init__(self, opened: _OpenStep, record: dict[str, Any], path: str) -> None:
+        self._opened = opened
+        self._record = record
+        self._layout = ArrayLayout.from_json(record)
+        self.path = path
+
+    shape = property(lambda self: self._layout.shape)
+    dtype = property(lambda self: self._layout.dtype)
+    chunks = property(lambda self: self._layout.chunks)
+    codec = property(lambda self: self._layout.codec)
+    ndim = property(lambda self: len(self._layout.shape))
+    size = property(lambda self: math.prod(self._layout.shape))
+    nbytes = property(lambda self: self._layout.nbytes)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def _read(self, selection: Any) -> np.ndarray:
+        sel = normalize(selection, self.shape)
+        request = {self._record["path"]: (self._layout, sel)}
+        try:
+            return run(read_selections(self._opened.storage, self._opened.info.dir, request))[
+                self._record["path"]
+            ]
+        except CorruptCheckpointError as exc:
+            if "is missing" in str(exc):
+                _check_alive(self._opened)  # a deleted step explains itself
+            raise
+
+    def __getitem__(self, selection: Any) -> Any:
+        return self._read(selection)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self._read(())
+        return array if dtype is None else array.astype(dtype)
+
+    def load(self) -> Any:
+        """The whole leaf as saved (a Python scalar stays a scalar, a Quantity keeps its unit)."""
+        from . import _leaves
+
+        return _leaves.decode(self._record, self._read(()))
+
+    def iter_chunks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+        """``(region, values)`` for each chunk in order; memory stays at one chunk."""
+        if not self.size:
+            return
+        for idx in self._layout.chunk_ids():
+            region = self._layout.chunk_region(idx)
+            yield region, self._read(region)
+
+    def stats(self) -> dict[str, float]:
+        """min, max, mean, std and nnz, computed chunk by chunk."""
+        if self.dtype.kind == "c":
+            raise TypeError(f"{self.path!r}: stats of complex arrays are not defined")
+        n, nnz = 0, 0
+        low, high = math.inf, -math.inf
+        mean, m2 = 0.0, 0.0  # Chan et al. parallel variance
+        for _, values in self.iter_chunks():
+            x = values.astype(np.float64).ravel()
+            if not x.size:
+                continue
+            nnz += int(np.count_nonzero(x))
+            low, high = min(low, float(x.min())), max(high, float(x.max()))
+            cmean, cm2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
+            delta = cmean - mean
+            total_n = n + x.size
+            mean += delta * x.size / total_n
+            m2 += cm2 + delta**2 * n * x.size / total_n
+            n = total_n
+        if n == 0:
+            return {
+                "size": 0,
+                "nnz": 0,
+                "min": math.nan,
+                "max": math.nan,
+                "mean": math.nan,
+                "std": math.nan,
+            }
+        return {
+            "size": n,
+            "nnz": nnz,
+            "min": low,
+            "max": high,
+            "mean": mean,
+            "std": math.sqrt(m2 / n),
+        }
+
+    def __repr__(self) -> str:
+        return _repr.text_leaf(self.path, _leaf_info(self._record))
+
+    def _repr_html_(self) -> str:
+        return _repr.html_leaf(self.path, _leaf_info(self._record))
