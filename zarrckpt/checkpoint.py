@@ -181,7 +181,8 @@ class _View:
                 return _leaf_info(rec)
             if rec["type"] == "none":
                 return None
-            return {name: build(child) for name, child in _children(rec).items()}
+            labels = rec.get("keys") or rec.get("fields") or range(len(rec["children"]))
+            return {str(k): build(c) for k, c in zip(labels, rec["children"], strict=True)}
 
         return build(self._record)
 
