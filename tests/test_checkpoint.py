@@ -88,12 +88,20 @@ def test_paths_dotted_forms_and_unknown_names(local_url):
     np.testing.assert_array_equal(ckpt["net.Dense0.Dense0.W"][:], np.ones(3))
     assert isinstance(ckpt["net/l2"], zarrckpt.TreeView) and ckpt["net"]["l2"]["V"].shape == (4,)
     assert "net/l2/V" in ckpt and "net/l9" not in ckpt
-    with pytest.raises(KeyError, match=r"'net/l3' is not in this checkpoint; did you mean 'net/l2'"):
+    with pytest.raises(
+        KeyError, match=r"'net/l3' is not in this checkpoint; did you mean 'net/l2'"
+    ):
         ckpt["net/l3"]
 
 
 def test_load_subtree_and_into_a_target(local_url):
-    state = {"net": {"l1": {"W": np.ones((2, 2), np.float32)}, "l2": {"V": np.arange(3, dtype=np.float32)}}, "epoch": 7}
+    state = {
+        "net": {
+            "l1": {"W": np.ones((2, 2), np.float32)},
+            "l2": {"V": np.arange(3, dtype=np.float32)},
+        },
+        "epoch": 7,
+    }
     zarrckpt.save_pytree(local_url, state, verbose=False)
     ckpt = zarrckpt.open_checkpoint(local_url)
     out = ckpt.load("net/l2")
@@ -127,7 +135,9 @@ def test_views_are_pinned_and_report_deleted_steps(url):
     assert ckpt.step == 0 and ckpt.steps == [0, 1]
     assert ckpt["v"][:].tolist() == [0, 0, 0]  # still the old step
     zarrckpt.save_pytree(url, {"v": np.full(3, 2.0)}, keep=1, verbose=False)  # retention drops 0
-    with pytest.raises(CheckpointNotFoundError, match="step 0 .* has been deleted since this view was opened"):
+    with pytest.raises(
+        CheckpointNotFoundError, match="step 0 .* has been deleted since this view was opened"
+    ):
         ckpt["v"][:]
     with pytest.raises(CheckpointNotFoundError, match="has been deleted"):
         ckpt.load()
@@ -154,7 +164,10 @@ class _Collect(HTMLParser):
 
 
 def test_reprs_show_names_shapes_and_totals(local_url):
-    state = {"net": {"l1": {"W": np.ones((20, 30), np.float32)}, "<b>odd</b>": {"V": np.zeros(4)}}, "n": None}
+    state = {
+        "net": {"l1": {"W": np.ones((20, 30), np.float32)}, "<b>odd</b>": {"V": np.zeros(4)}},
+        "n": None,
+    }
     zarrckpt.save_pytree(local_url, state, verbose=False)
     ckpt = zarrckpt.open_checkpoint(local_url)
     text = repr(ckpt)
@@ -167,7 +180,10 @@ def test_reprs_show_names_shapes_and_totals(local_url):
         joined = " ".join(parser.text)
         assert "W" in joined and "20×30" in joined
     assert "<b>odd</b>" in " ".join(_text(ckpt))  # escaped, shown as text
-    assert repr(ckpt["net/l1/W"]) == "<LazyArray net/l1/W: 20×30 float32 (2.3 KiB, chunks (20, 30), none)>"
+    assert (
+        repr(ckpt["net/l1/W"])
+        == "<LazyArray net/l1/W: 20×30 float32 (2.3 KiB, chunks (20, 30), none)>"
+    )
     info = ckpt.info()
     assert info["leaves"] == 2 and info["nbytes"] == 20 * 30 * 4 + 32 and info["step"] == 0
 
