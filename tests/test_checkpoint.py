@@ -136,7 +136,7 @@ def test_views_are_pinned_and_report_deleted_steps(url):
     assert ckpt["v"][:].tolist() == [0, 0, 0]  # still the old step
     zarrckpt.save_pytree(url, {"v": np.full(3, 2.0)}, keep=1, verbose=False)  # retention drops 0
     with pytest.raises(
-        CheckpointNotFoundError, match="step 0 .* has been deleted since this view was opened"
+        CheckpointNotFoundError, match=r"step 0 .* has been deleted since this view was opened"
     ):
         ckpt["v"][:]
     with pytest.raises(CheckpointNotFoundError, match="has been deleted"):
