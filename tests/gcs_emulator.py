@@ -30,7 +30,7 @@ def _read_data(request_handler, query):
         newline = b"\r\n" if b"\r\n\r\n" in part else b"\n"  # gcsfs writes bare LFs
         headers, _, body = part.partition(newline * 2)
         bodies.append((headers, body[: -len(newline)]))  # the line break before the boundary
-    meta_headers, meta = bodies[0]
+    _, meta = bodies[0]
     data_headers, content = bodies[1]
     ctype = re.search(rb"(?i)content-type:\s*([^\r\n;]+)", data_headers)
     return {

@@ -133,11 +133,53 @@ def test_newer_manifest_version_is_refused(local_url):
 def test_debris_is_invisible_and_collected_by_the_next_save(url):
     save(url, 1)
     storage = open_storage(url)
-    run(storage.put("step_0000000009.deadbeef0000/v/zarr.json", [b"{}"]))  # a crashed save
+    debris = "step_0000000009.000000000000deadbeef"  # created at the epoch: long abandoned
+    run(storage.put(f"{debris}/v/zarr.json", [b"{}"]))  # a crashed save
     assert zarrckpt.list_steps(url) == [0] and load(url) == 1
     save(url, 2)
-    assert step_dirs(url) == [d for d in step_dirs(url) if not d.endswith("deadbeef0000")]
+    assert debris not in step_dirs(url)
     assert len(step_dirs(url)) == 1
+
+
+def test_another_writers_unfinished_step_is_not_debris(local_url):
+    """Locally a writer holds a flock on its step directory; a dead writer's lock is gone."""
+    import fcntl
+    import time
+
+    from zarrckpt._manifest import new_step_dir
+
+    save(local_url, 1)
+    alive, dead = new_step_dir(5), new_step_dir(6)
+    for name in (alive, dead):
+        os.makedirs(os.path.join(local_url, name))
+        Path(local_url, name, ".zarrckpt-writing").touch()
+    held = os.open(os.path.join(local_url, alive, ".zarrckpt-writing"), os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a writer in progress (another open file description)
+    try:
+        save(local_url, 2)
+        assert alive in step_dirs(local_url) and dead not in step_dirs(local_url)
+    finally:
+        os.close(held)
+    time.sleep(0.01)
+    save(local_url, 3)  # once its writer is gone it is debris like any other
+    assert alive not in step_dirs(local_url)
+
+
+def test_s3_debris_is_collected_only_after_the_grace_period(s3_root, monkeypatch):
+    from zarrckpt._manifest import new_step_dir
+
+    url, options = s3_root
+    zarrckpt.save_pytree(url, {"v": 1}, storage_options=options, verbose=False)
+    storage = open_storage(url, options)
+    recent, old = new_step_dir(7), "step_0000000008.000000000001cafe0000"
+    for name in (recent, old):
+        run(storage.put(f"{name}/v/zarr.json", [b"{}"]))
+    zarrckpt.save_pytree(url, {"v": 2}, storage_options=options, verbose=False)
+    names = step_dirs(url)
+    assert recent in names and old not in names  # a concurrent writer's work is left alone
+    monkeypatch.setenv("ZARRCKPT_DEBRIS_GRACE_S", "0")
+    zarrckpt.save_pytree(url, {"v": 3}, storage_options=options, verbose=False)
+    assert recent not in step_dirs(url)
 
 
 def test_save_returns_the_step_group(local_url):

@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint, LazyArray, TreeView, open_checkpoint
 from .errors import (
     AlreadyExistsError,
     CheckpointNotFoundError,
+    ConcurrentWriteError,
     CorruptCheckpointError,
     MissingCheckpointWarning,
     StoreError,
@@ -32,6 +33,7 @@ __all__ = [
     "AsyncManager",
     "Checkpoint",
     "CheckpointNotFoundError",
+    "ConcurrentWriteError",
     "CorruptCheckpointError",
     "LazyArray",
     "MissingCheckpointWarning",

@@ -11,9 +11,12 @@ storage. Everything else goes through zarr's store abstraction (``FsspecStore`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +27,9 @@ from zarr.abc.store import Store
 from zarr.buffer import cpu, default_buffer_prototype
 from zarr.storage import FsspecStore
 
-__all__ = ["LocalStorage", "Storage", "StoreStorage", "open_storage"]
+from .errors import StoreError, ZarrCkptError
+
+__all__ = ["LocalStorage", "S3Storage", "Storage", "StoreStorage", "open_storage"]
 
 
 class Storage:
@@ -57,6 +62,36 @@ class Storage:
 
     async def sync(self) -> None:
         """Make everything written so far durable (no-op where writes already are)."""
+
+    #: whether :meth:`put_if_unchanged` is enforced by the backend (else: one writer per root)
+    conditional_writes: bool = False
+
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        """The value and a version token for :meth:`put_if_unchanged`."""
+        data = await self.get(key)
+        return data, data
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        """Atomically replace ``key`` if it still has version ``token`` (None: absent).
+
+        Returns False, writing nothing, if another writer changed it. Backends without
+        conditional writes replace unconditionally (single-writer assumption).
+        """
+        await self.put_atomic(key, data)
+        return True
+
+    async def begin_step(self, step_dir: str) -> None:
+        """Mark ``step_dir`` as being written (see :meth:`is_abandoned`)."""
+
+    async def end_step(self, step_dir: str) -> None:
+        """The writer of ``step_dir`` is done (committed or gave up)."""
+
+    async def is_abandoned(self, step_dir: str, created: float) -> bool:
+        """Whether an unreferenced step directory is debris rather than another writer's work.
+
+        Single-writer backends: always. ``created`` is the time encoded in the name.
+        """
+        return True
 
     def is_file(self) -> bool:
         """Whether the root is an existing non-directory (e.g. an old msgpack checkpoint)."""
@@ -108,6 +143,7 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
         self._made: set[str] = set()
+        self._leases: dict[str, int] = {}
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key) if key else str(self.root)
@@ -190,6 +226,64 @@ class LocalStorage(Storage):
         if self.root.exists():
             await self._run(_syncfs, self.root)
 
+    # Writers on one machine coordinate with flock: the manifest is compared and replaced
+    # under an exclusive lock on ``.zarrckpt.lock``, and each step directory being written
+    # holds a lock on its ``.zarrckpt-writing`` file, which the kernel releases if the writer
+    # dies, so debris is recognised at once and other writers' work never is.
+    conditional_writes = True
+    _LEASE = ".zarrckpt-writing"
+
+    def _put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self._path(".zarrckpt.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._get(key) != token:
+                return False
+            self._put_atomic(key, data)
+            return True
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        return await self._run(self._put_if_unchanged, key, data, token)
+
+    def _begin_step(self, step_dir: str) -> None:
+        os.makedirs(self._path(step_dir), exist_ok=True)
+        fd = os.open(self._path(f"{step_dir}/{self._LEASE}"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._leases[step_dir] = fd
+
+    async def begin_step(self, step_dir: str) -> None:
+        await self._run(self._begin_step, step_dir)
+
+    def _end_step(self, step_dir: str) -> None:
+        fd = self._leases.pop(step_dir, None)
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(f"{step_dir}/{self._LEASE}"))
+            os.close(fd)
+
+    async def end_step(self, step_dir: str) -> None:
+        await self._run(self._end_step, step_dir)
+
+    def _is_abandoned(self, step_dir: str, created: float) -> bool:
+        try:
+            fd = os.open(self._path(f"{step_dir}/{self._LEASE}"), os.O_RDWR)
+        except FileNotFoundError:
+            # No lease: a finished step, or a writer between mkdir and flock (microseconds).
+            return time.time() - created > 60
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive
+        finally:
+            os.close(fd)
+        return True
+
+    async def is_abandoned(self, step_dir: str, created: float) -> bool:
+        return await self._run(self._is_abandoned, step_dir, created)
+
     def is_file(self) -> bool:
         return self.root.exists() and not self.root.is_dir()
 
@@ -201,23 +295,91 @@ class StoreStorage(Storage):
         self.store = store
         self.url = url or str(store)
 
+    @contextlib.asynccontextmanager
+    async def _errors(self, op: str, key: str) -> Any:
+        """Backend failures become :class:`StoreError` naming the URL."""
+        try:
+            yield
+        except ZarrCkptError:
+            raise
+        except Exception as exc:
+            raise StoreError(
+                f"{op} {self.describe(key)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
     async def get(self, key: str) -> bytes | None:
-        buf = await self.store.get(key, prototype=default_buffer_prototype())
+        async with self._errors("reading", key):
+            buf = await self.store.get(key, prototype=default_buffer_prototype())
         return None if buf is None else buf.to_bytes()
 
     async def put(self, key: str, parts: Sequence[Any]) -> None:
         data = b"".join(memoryview(p).cast("B") for p in parts)
-        await self.store.set(key, cpu.Buffer.from_bytes(data))
+        async with self._errors("writing", key):
+            await self.store.set(key, cpu.Buffer.from_bytes(data))
 
     async def put_atomic(self, key: str, data: bytes) -> None:
         # A single PUT of one object is atomic on object stores and in memory.
-        await self.store.set(key, cpu.Buffer.from_bytes(data))
+        await self.put(key, [data])
 
     async def list_dir(self, prefix: str = "") -> list[str]:
-        return sorted([name async for name in self.store.list_dir(prefix)])
+        async with self._errors("listing", prefix):
+            return sorted([name async for name in self.store.list_dir(prefix)])
 
     async def delete_dir(self, prefix: str) -> None:
-        await self.store.delete_dir(prefix)
+        async with self._errors("deleting", prefix):
+            await self.store.delete_dir(prefix)
+
+
+class S3Storage(StoreStorage):
+    """S3 through s3fs, with conditional PUTs (``If-Match`` / ``If-None-Match``) for the manifest.
+
+    Writers do not see each other's unfinished steps, so a step directory no manifest lists
+    is only deleted as debris once it is older than ``debris_grace_s`` (default one hour,
+    ``ZARRCKPT_DEBRIS_GRACE_S``): a concurrent writer's step is never deleted mid-write.
+    """
+
+    conditional_writes = True
+
+    def __init__(self, store: FsspecStore, url: str) -> None:
+        super().__init__(store, url)
+        self.debris_grace_s = float(os.environ.get("ZARRCKPT_DEBRIS_GRACE_S", "3600"))
+
+    def _split(self, key: str) -> tuple[str, str]:
+        bucket, path, _ = self.store.fs.split_path(f"{self.store.path}/{key}")
+        return bucket, path
+
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        bucket, path = self._split(key)
+        async with self._errors("reading", key):
+            try:
+                response = await self.store.fs._call_s3("get_object", Bucket=bucket, Key=path)
+            except FileNotFoundError:
+                return None, None
+            async with response["Body"] as body:
+                data = await body.read()
+        return data, response["ETag"]
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        bucket, path = self._split(key)
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        async with self._errors("writing", key):
+            try:
+                await self.store.fs._call_s3(
+                    "put_object", Bucket=bucket, Key=path, Body=data, **condition
+                )
+            except (FileExistsError, OSError) as exc:
+                text = str(exc).lower().replace("-", "")  # "pre-conditions", "PreconditionFailed"
+                if (
+                    isinstance(exc, FileExistsError)
+                    or "precondition" in text
+                    or "conditionalrequestconflict" in text
+                ):
+                    return False
+                raise
+        return True
+
+    async def is_abandoned(self, step_dir: str, created: float) -> bool:
+        return time.time() - created > self.debris_grace_s
 
 
 def open_storage(
@@ -228,6 +390,10 @@ def open_storage(
         return location
     if isinstance(location, Store):
         return StoreStorage(location)
+    if isinstance(location, fsspec.FSMap):  # fs.get_mapper("bucket/run"): a built filesystem
+        return StoreStorage(
+            FsspecStore.from_mapper(location, read_only=read_only), url=location.root
+        )
     if isinstance(location, os.PathLike):
         location = os.fspath(location)
     if not isinstance(location, str):
@@ -239,5 +405,12 @@ def open_storage(
         if storage_options:
             raise ValueError("storage_options apply to remote URLs, not to local paths")
         return LocalStorage(path)
-    store = FsspecStore.from_url(location, storage_options=storage_options, read_only=read_only)
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        # s3fs sends a HEAD before every whole-object GET unless max_concurrency is 1; our
+        # objects are single chunks, so this halves the requests of a load.
+        options.setdefault("max_concurrency", 1)
+    store = FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    if protocol in ("s3", "s3a"):
+        return S3Storage(store, url=location)
     return StoreStorage(store, url=location)

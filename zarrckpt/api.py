@@ -24,6 +24,7 @@ from ._manifest import (
     commit,
     new_step_dir,
     read_manifest,
+    read_manifest_versioned,
 )
 from ._repr import human as _human
 from ._store import Storage, open_storage
@@ -31,6 +32,7 @@ from ._sync import run
 from .errors import (
     AlreadyExistsError,
     CheckpointNotFoundError,
+    ConcurrentWriteError,
     CorruptCheckpointError,
     MissingCheckpointWarning,
     StructureMismatchError,
@@ -99,15 +101,25 @@ def _resolve_step(manifest: Manifest, step: int | None, overwrite: bool, where: 
 
 
 async def _write_and_commit(
-    storage: Storage, manifest: Manifest, plan: _Plan, info: StepInfo, keep: int | None,
-    progress: Callable[[int], None],
+    storage: Storage, manifest: Manifest, token: Any, plan: _Plan, info: StepInfo,
+    keep: int | None, progress: Callable[[int], None],
 ) -> None:  # fmt: skip
     attributes = {"zarrckpt": {"version": FORMAT_VERSION, "step": info.step, "tree": plan.record}}
-    await write_step(storage, info.dir, plan.leaves, plan.groups, attributes, progress)
-    await storage.sync()
-    new_manifest = manifest.with_step(info, keep)
-    await commit(storage, new_manifest)
-    await collect_garbage(storage, new_manifest)
+    await storage.begin_step(info.dir)
+    try:
+        await write_step(storage, info.dir, plan.leaves, plan.groups, attributes, progress)
+        await storage.sync()
+        new_manifest = manifest.with_step(info, keep)
+        committed = await commit(storage, new_manifest, token)
+    finally:
+        await storage.end_step(info.dir)
+    if not committed:
+        await storage.delete_dir(info.dir)
+        raise ConcurrentWriteError(
+            f"{storage.url}: another writer committed while step {info.step} was being saved; "
+            "this step was not committed (nothing else changed). Save again to retry."
+        )
+    await collect_garbage(storage, manifest, new_manifest)
 
 
 def save_pytree(
@@ -157,7 +169,8 @@ def save_pytree(
     if async_manager is not None:
         async_manager.wait_previous_save()  # overwrite/keep must see committed state
     plan = _plan(target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec)
-    manifest = run(read_manifest(storage)) or Manifest()
+    found, token = run(read_manifest_versioned(storage))
+    manifest = found or Manifest()
     number = _resolve_step(manifest, step, overwrite, storage.url)
     info = StepInfo(number, new_step_dir(number), time.time(), len(plan.leaves), plan.nbytes)
     location = storage.describe(info.dir)
@@ -166,7 +179,7 @@ def save_pytree(
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
         with _progress(plan.nbytes, f"save step {number}", show_bar) as progress:
-            run(_write_and_commit(storage, manifest, plan, info, keep, progress))
+            run(_write_and_commit(storage, manifest, token, plan, info, keep, progress))
         if verbose:
             print(
                 f"zarrckpt: saved step {number} ({info.leaves} leaves, {_human(info.nbytes)}) "

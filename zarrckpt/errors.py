@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyExistsError",
     "CheckpointNotFoundError",
+    "ConcurrentWriteError",
     "CorruptCheckpointError",
     "MissingCheckpointWarning",
     "StoreError",
@@ -27,6 +28,10 @@ class ZarrCkptError(Exception):
 
 class AlreadyExistsError(ZarrCkptError, FileExistsError):
     """A step at or after the one being saved is committed and ``overwrite=False``."""
+
+
+class ConcurrentWriteError(ZarrCkptError, RuntimeError):
+    """Another writer committed to the same root during this save; this step was not committed."""
 
 
 class CheckpointNotFoundError(ZarrCkptError, FileNotFoundError):
