@@ -49,7 +49,7 @@ def test_bad_leaf_never_damages_a_committed_step(local_url):
 
 def _chunk(root, leaf, key="0"):
     (step,) = Path(root).glob("step_*")
-    return step / leaf / "c" / key
+    return step / leaf / f"c.{key}"
 
 
 def test_flipped_byte_raises_naming_the_leaf(local_url):

@@ -81,7 +81,7 @@ def test_zarr_python_sees_the_hierarchy(local_url):
 
 def test_readers_detect_a_damaged_chunk(local_url):
     zarrckpt.save_pytree(local_url, {"w": np.arange(100, dtype=np.float32)}, verbose=False)
-    chunk = Path(_step_path(local_url), "w", "c", "0")
+    chunk = Path(_step_path(local_url), "w", "c.0")
     data = bytearray(chunk.read_bytes())
     data[10] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -7,7 +7,8 @@ TensorStore read every variant:
 
 * a ``regular`` chunk grid whose chunks split the leading axes only, so that a chunk of a
   C-contiguous array is a contiguous slice of it (no gather on write, no scatter on read);
-* the ``default`` chunk key encoding with ``/`` (``c/0/0``; ``c`` for a 0-d array);
+* the ``default`` chunk key encoding with ``.`` (``c.0.0``; ``c`` for a 0-d array), so a
+  leaf's chunks sit beside its ``zarr.json`` and a small leaf costs one directory, not two;
 * codecs ``bytes`` (little-endian), optionally ``zstd`` or ``gzip``, then ``crc32c`` on
   every chunk. Compression uses numcodecs (the codecs zarr-python itself calls), the
   checksum google-crc32c (zarr-python's own); nothing here reimplements a codec.
@@ -142,7 +143,7 @@ class ArrayLayout:
 
     @staticmethod
     def chunk_key(idx: tuple[int, ...]) -> str:
-        return "/".join(("c", *map(str, idx)))
+        return ".".join(("c", *map(str, idx)))
 
     def chunk_region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(
@@ -174,7 +175,7 @@ class ArrayLayout:
             "shape": list(self.shape),
             "data_type": _dtypes.zarr_name(self.dtype),
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(self.chunks)}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
             "fill_value": _dtypes.fill_value_json(self.dtype),
             "codecs": self.codecs_json(),
             "attributes": attributes or {},

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,19 @@ class Storage:
     async def put_atomic(self, key: str, data: bytes) -> None:
         """Replace ``key`` so that readers see the old or the new value, never a mix."""
         raise NotImplementedError
+
+    #: whether small writes and reads should be grouped (:meth:`put_batch`, :meth:`get_batch`)
+    batches_small_io: bool = False
+
+    async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
+        """Write ``key -> make()`` for each item (``make`` encodes; called once)."""
+        for key, make in items:
+            await self.put(key, make())
+
+    async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
+        """Read each key and hand its bytes (None if missing) to the item's consumer."""
+        for key, consume in items:
+            consume(await self.get(key))
 
     async def list_dir(self, prefix: str = "") -> list[str]:
         raise NotImplementedError
@@ -142,7 +155,6 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
-        self._made: set[str] = set()
         self._leases: dict[str, int] = {}
 
     def _path(self, key: str) -> str:
@@ -164,11 +176,12 @@ class LocalStorage(Storage):
 
     def _put(self, key: str, parts: Sequence[Any]) -> None:
         path = self._path(key)
-        parent = os.path.dirname(path)
-        if parent not in self._made:
-            os.makedirs(parent, exist_ok=True)
-            self._made.add(parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # first file of a directory: create it (and any parents)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, flags, 0o644)
         try:
             _write_all(fd, parts)
         finally:
@@ -176,6 +189,22 @@ class LocalStorage(Storage):
 
     async def put(self, key: str, parts: Sequence[Any]) -> None:
         await self._run(self._put, key, parts)
+
+    batches_small_io = True
+
+    def _put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
+        for key, make in items:
+            self._put(key, make())
+
+    async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
+        await self._run(self._put_batch, items)
+
+    def _get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
+        for key, consume in items:
+            consume(self._get(key))
+
+    async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
+        await self._run(self._get_batch, items)
 
     def _put_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -217,7 +246,6 @@ class LocalStorage(Storage):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.unlink(path)
-        self._made = {d for d in self._made if not d.startswith(path)}
 
     async def delete_dir(self, prefix: str) -> None:
         await self._run(self._delete_dir, prefix)

@@ -1,0 +1,316 @@
+"""zarrckpt against the tools a BrainPy user could pick instead, on local disk.
+
+    python benchmarks/bench_local.py                 # 1 GiB state, 3 repeats
+    python benchmarks/bench_local.py --gib 4 --systems raw zarrckpt --repeats 1
+
+The state mimics an SNN: four float32 weight matrices (normal noise) holding ~94% of the
+bytes, plus 2,000 small per-neuron leaves of 4-64 KiB (float32 potentials, bool spikes
+~2% true, int32 spike counters), nested under module names.
+
+Every operation runs in a fresh process (so peak RSS and import state do not leak between
+systems), all systems in one invocation, alternating, and the table reports medians and
+ratios to the raw disk figures:
+
+* save: durable — each system's files are flushed to stable storage (``fsync`` / ``syncfs``,
+  timed as part of the save; zarrckpt does this itself);
+* load: cold — the checkpoint's pages are evicted (``posix_fadvise(DONTNEED)`` on every
+  file, which needs no privileges) before the timed read;
+* leaf: read one small leaf (cold) from the checkpoint, where the format allows it;
+* extra RSS: peak resident memory above what the state itself needs.
+
+Saves always go to fresh directories, and everything is deleted at the end only: on this
+disk, creating files right after deleting many costs ~10x more (see io-floors.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MIB = 1024 * 1024
+SYSTEMS = ["raw", "npsave", "zarrckpt", "safetensors", "orbax", "msgpack"]
+SMALL_LEAF = ("layer01", "n0123", "V")
+
+
+def _matrix_side(gib: float) -> int:
+    return int(np.sqrt(gib * 1024 * MIB * 0.94 / 4 / 4))
+
+
+def build_state(gib: float) -> dict:
+    rng = np.random.default_rng(0)
+    n = _matrix_side(gib)
+    weights = {f"W{i}": rng.standard_normal((n, n), dtype=np.float32) for i in range(4)}
+    neurons: dict = {}
+    sizes = rng.integers(1024, 16 * 1024, size=2000 // 3 + 1)  # elements: 4-64 KiB as float32
+    for i in range(2000 // 3 + 1):
+        layer = neurons.setdefault(f"layer{i // 100:02d}", {})
+        size = int(sizes[i])
+        layer[f"n{i:04d}"] = {
+            "V": rng.standard_normal(size).astype(np.float32),
+            "spike": rng.random(size) < 0.02,
+            "count": rng.poisson(0.5, size).astype(np.int32),
+        }
+    return {"net": {"weights": weights, "neurons": neurons}, "step": 0}
+
+
+def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flat(value, path))
+        else:
+            out[path] = np.asarray(value)
+    return out
+
+
+def nbytes(tree: dict) -> int:
+    return sum(a.nbytes for a in flat(tree).values())
+
+
+# --- durability and cache helpers -------------------------------------------------------------
+
+
+def files_under(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+
+
+def evict(path: str) -> None:
+    for name in files_under(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def syncfs(path: str) -> None:
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs")
+    finally:
+        os.close(fd)
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+# --- the systems ---------------------------------------------------------------------------------
+
+
+def save(system: str, state: dict, path: str) -> None:
+    if system == "raw":
+        with open(path, "wb") as f:
+            for array in flat(state).values():
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+    elif system == "npsave":
+        os.makedirs(path)
+        for i, array in enumerate(flat(state).values()):
+            np.save(os.path.join(path, f"{i}.npy"), array)
+        syncfs(path)
+    elif system == "zarrckpt":
+        import zarrckpt
+
+        zarrckpt.save_pytree(path, state, verbose=False)
+    elif system == "safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(flat(state), path)
+        syncfs(os.path.dirname(path))
+    elif system == "orbax":
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, state)
+            ckptr.wait_until_finished()
+        syncfs(path)
+    elif system == "msgpack":
+        import braintools
+
+        braintools.file.msgpack_save(path, state, verbose=False)
+        syncfs(os.path.dirname(path))
+    else:
+        raise ValueError(system)
+
+
+def load(system: str, path: str, like: dict | None) -> object:
+    if system == "raw":
+        size = os.path.getsize(path)
+        buf = np.empty(size, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(memoryview(buf))
+        return buf
+    if system == "npsave":
+        return [np.load(os.path.join(path, f"{i}.npy")) for i in range(len(os.listdir(path)))]
+    if system == "zarrckpt":
+        import zarrckpt
+
+        return zarrckpt.load_pytree(path)
+    if system == "safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    if system == "orbax":
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path)
+    if system == "msgpack":
+        import braintools
+
+        return braintools.file.msgpack_load(path, target=like, verbose=False)
+    raise ValueError(system)
+
+
+def load_leaf(system: str, path: str, leaf_index: int) -> object:
+    key = "net/neurons/" + "/".join(SMALL_LEAF)
+    if system == "npsave":
+        return np.load(os.path.join(path, f"{leaf_index}.npy"))
+    if system == "zarrckpt":
+        import zarrckpt
+
+        return zarrckpt.open_checkpoint(path)[key][:]
+    if system == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return f.get_tensor(key)
+    if system == "orbax":
+        import orbax.checkpoint as ocp
+
+        net = {"neurons": {SMALL_LEAF[0]: {SMALL_LEAF[1]: {SMALL_LEAF[2]: ocp.utils.to_shape_dtype_struct(np.zeros(1))}}}}
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+            item = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+            leaf = item["net"]["neurons"][SMALL_LEAF[0]][SMALL_LEAF[1]][SMALL_LEAF[2]]
+            net["neurons"][SMALL_LEAF[0]][SMALL_LEAF[1]][SMALL_LEAF[2]] = ocp.utils.to_shape_dtype_struct(
+                np.zeros(leaf.shape, leaf.dtype)
+            )
+            args = ocp.args.PyTreeRestore(item={"net": net}, restore_args={"net": net}, partial_restore=True)
+            return ckptr.restore(path, args=args)
+    return None  # raw and msgpack have no partial read: the whole file
+
+
+# --- one measurement in a fresh process ------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    like = None  # every system loads without a target
+    small = build_state(0)  # same small leaves, no matrices: cheap to build
+    state_mib = (nbytes(small) + 4 * 4 * _matrix_side(args.gib) ** 2) / MIB
+    state = build_state(args.gib) if args.op == "save" else None
+    base, _ = rss_mib()
+    reset_peak()
+    if args.op == "save":
+        start = time.perf_counter()
+        save(args.system, state, args.path)
+        seconds = time.perf_counter() - start
+        extra = rss_mib()[1] - base
+    elif args.op == "load":
+        evict(args.path)
+        start = time.perf_counter()
+        out = load(args.system, args.path, like)
+        seconds = time.perf_counter() - start
+        extra = rss_mib()[1] - base - state_mib  # the loaded state itself is not overhead
+        del out
+    else:
+        leaf_index = list(flat(small).keys()).index("net/neurons/" + "/".join(SMALL_LEAF))
+        evict(args.path)
+        start = time.perf_counter()
+        out = load_leaf(args.system, args.path, leaf_index)
+        seconds = time.perf_counter() - start if out is not None else float("nan")
+        extra = float("nan")
+    print(json.dumps({"seconds": seconds, "extra_mib": extra, "state_mib": state_mib}))
+
+
+def run_one(system: str, op: str, path: str, gib: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--system", system, "--op", op, "--path", path, "--gib", str(gib)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def target_path(root: str, system: str, rep: int) -> str:
+    name = f"{system}-{rep}"
+    if system in ("raw", "safetensors", "msgpack"):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        return os.path.join(root, name, "state.bin")
+    return os.path.join(root, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir under the cwd)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--op", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    root = tempfile.mkdtemp(prefix="zarrckpt-bench-", dir=args.dir or os.getcwd())
+    results: dict[str, dict[str, list[float]]] = {s: {} for s in args.systems}
+    state_mib = 0.0
+    try:
+        for rep in range(args.repeats):
+            for system in args.systems:  # alternate systems within each repeat
+                path = target_path(root, system, rep)
+                for op in ("save", "load", "leaf"):
+                    if op == "leaf" and system in ("raw", "msgpack"):
+                        continue
+                    r = run_one(system, op, path, args.gib)
+                    state_mib = r["state_mib"]
+                    results[system].setdefault(op, []).append(r["seconds"])
+                    results[system].setdefault(op + "_mem", []).append(r["extra_mib"])
+                    print(f"# rep {rep} {system:12s} {op:5s} {r['seconds']:.3f} s, extra RSS {r['extra_mib']:.0f} MiB", file=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(results, state_mib, args)
+
+
+def report(results: dict, state_mib: float, args: argparse.Namespace) -> None:
+    med = {s: {op: statistics.median(v) for op, v in ops.items()} for s, ops in results.items()}
+    raw = med.get("raw", {})
+    print(f"\nState: {state_mib / 1024:.2f} GiB ({args.gib} GiB requested), 4 matrices + 2,001 small leaves; "
+          f"median of {args.repeats}; local disk; durable saves, cold loads (fadvise DONTNEED).\n")  # fmt: skip
+    print("| system | save s | save / raw | load s | load / raw | one small leaf | extra RSS save | extra RSS load |")
+    print("|---|---|---|---|---|---|---|---|")
+    for system in args.systems:
+        m = med[system]
+        ratio = lambda op: f"{m[op] / raw[op]:.2f}x" if raw.get(op) else "-"  # noqa: E731
+        leaf = f"{m['leaf'] * 1000:.1f} ms" if "leaf" in m and m["leaf"] == m["leaf"] else "whole file"
+        print(
+            f"| {system} | {m['save']:.2f} | {ratio('save')} | {m['load']:.2f} | {ratio('load')} | {leaf} "
+            f"| {m['save_mem'] / state_mib:.2f}x ({m['save_mem']:.0f} MiB) | {m['load_mem'] / state_mib:.2f}x ({m['load_mem']:.0f} MiB) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
