@@ -14,85 +14,35 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 
 import fsspec  # noqa: E402
 import pytest  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(command: list[str], ready_path: str, log_path: str):
-    """Start a server on a free loopback port and wait until it answers."""
-    for _attempt in range(3):  # a port race is possible; retry with a new port
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = open(log_path, "ab")  # noqa: SIM115 - never an undrained PIPE: moto hangs after ~1,000 requests
-        proc = subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(url + ready_path, timeout=1):
-                    return proc, url, log
-            except OSError:
-                time.sleep(0.05)
-        proc.kill()
-        proc.wait()
-        log.close()
-    raise RuntimeError(f"{command[0]} did not start; see {log_path}")
-
-
-def _stop(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
-
-
-def s3_options(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-
-
-def gcs_options(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "token": "anon", "project": "test"}
+from servers import gcs_options, s3_options, start_gcs, start_s3, stop  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server (moto[server]) on 127.0.0.1."""
     log = str(tmp_path_factory.mktemp("moto") / "moto.log")
-    code = "import sys; from moto.server import main; sys.exit(main(['-H', '127.0.0.1', '-p', sys.argv[1]]))"
-    proc, url, fh = _serve([sys.executable, "-c", code], "/moto-api/", log)
+    proc, url, fh = start_s3(log)
     # Defaults for every s3:// URL the tests open, as a user's fsspec config would give them.
     fsspec.config.conf["s3"] = s3_options(url)
     yield url
     fsspec.config.conf.pop("s3", None)
-    _stop(proc, fh)
+    stop(proc, fh)
 
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     """gcp-storage-emulator on 127.0.0.1, with a listen backlog big enough for our concurrency."""
     log = str(tmp_path_factory.mktemp("gcs") / "gcs.log")
-    script = str(__import__("pathlib").Path(__file__).with_name("gcs_emulator.py"))
-    proc, url, fh = _serve([sys.executable, script], "/", log)
+    proc, url, fh = start_gcs(log)
     fsspec.config.conf["gcs"] = fsspec.config.conf["gs"] = gcs_options(url)
     yield url
     fsspec.config.conf.pop("gcs", None)
     fsspec.config.conf.pop("gs", None)
-    _stop(proc, fh)
+    stop(proc, fh)
 
 
 def _bucket() -> str:

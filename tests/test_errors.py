@@ -97,3 +97,28 @@ def test_every_error_derives_from_the_base():
     for name in ("AlreadyExistsError", "CheckpointNotFoundError", "CorruptCheckpointError",
                  "StructureMismatchError", "UnsupportedLeafError", "StoreError"):  # fmt: skip
         assert issubclass(getattr(zarrckpt, name), zarrckpt.ZarrCkptError)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_damage_in_large_raw_chunks(local_url, damage):
+    zarrckpt.save_pytree(
+        local_url,
+        {"w": np.arange(300_000, dtype=np.float32)},
+        codec="none",
+        chunk_bytes=400_000,
+        verbose=False,
+    )
+    chunk = _chunk(local_url, "w", "1")
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[1000] ^= 4
+        expected = "checksum mismatch"
+    elif damage == "truncate":
+        data = data[:-10]
+        expected = "chunk holds"
+    else:
+        data += b"\0\0"
+        expected = "chunk holds"
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=rf"leaf 'w' .*{expected}"):
+        zarrckpt.load_pytree(local_url)

@@ -111,7 +111,9 @@ class _Batcher:
     batch instead of two asyncio tasks and two hops per leaf (the dominant cost of states
     made of thousands of small arrays)."""
 
-    def __init__(self, enabled: bool, make_job: Callable[[list[Any], int], Callable[[], Any]]) -> None:
+    def __init__(
+        self, enabled: bool, make_job: Callable[[list[Any], int], Callable[[], Any]]
+    ) -> None:
         self.enabled, self.make_job = enabled, make_job
         self.items: list[Any] = []
         self.nbytes = 0
@@ -165,7 +167,9 @@ async def write_step(
 
         return job
 
-    def batch_job(items: list[tuple[str, Callable[[], list[Any]]]], nbytes: int) -> Callable[[], Any]:
+    def batch_job(
+        items: list[tuple[str, Callable[[], list[Any]]]], nbytes: int
+    ) -> Callable[[], Any]:
         async def job() -> None:
             await budget.acquire(nbytes)
             try:
@@ -176,7 +180,9 @@ async def write_step(
 
         return job
 
-    def encoder(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> Callable[[], list[Any]]:
+    def encoder(
+        layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]
+    ) -> Callable[[], list[Any]]:
         return lambda: layout.encode_chunk(layout.chunk_data(array, idx))
 
     batcher = _Batcher(storage.batches_small_io, batch_job)
@@ -185,7 +191,11 @@ async def write_step(
         for path in group_paths:
             if path:
                 key, doc = f"{prefixed(path)}/zarr.json", _group_json()
-                job = batcher.add((key, lambda doc=doc: [doc]), 0) if batcher.enabled else put_json(key, doc)
+                job = (
+                    batcher.add((key, lambda doc=doc: [doc]), 0)
+                    if batcher.enabled
+                    else put_json(key, doc)
+                )
                 if job:
                     yield job
         for leaf in leaves:
@@ -196,7 +206,10 @@ async def write_step(
                 items = [(meta_key, lambda meta=meta: [meta])]
                 if layout.nbytes:
                     items += [
-                        (f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", encoder(layout, leaf.array, idx))
+                        (
+                            f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}",
+                            encoder(layout, leaf.array, idx),
+                        )
                         for idx in layout.chunk_ids()
                     ]
                 for n, item in enumerate(items):
@@ -229,7 +242,9 @@ async def read_selections(
         path: np.empty(sel.shape, dtype=layout.dtype) for path, (layout, sel) in requests.items()
     }
 
-    def consumer(path: str, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]) -> tuple[str, Callable[[bytes | None], None]]:
+    def consumer(
+        path: str, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
+    ) -> tuple[str, Callable[[bytes | None], None]]:
         idx = tuple(p[0] for p in parts)
         inner = tuple(p[1] for p in parts)
         outer = tuple(p[2] for p in parts)
@@ -237,13 +252,17 @@ async def read_selections(
 
         def decode_into(data: bytes | None) -> None:
             if data is None:
-                raise CorruptCheckpointError(f"leaf {path!r}: chunk {storage.describe(key)} is missing")
+                raise CorruptCheckpointError(
+                    f"leaf {path!r}: chunk {storage.describe(key)} is missing"
+                )
             chunk = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})")
             blocks[path][outer] = chunk[inner]
 
         return key, decode_into
 
-    def get_chunk(key: str, decode_into: Callable[[bytes | None], None], size: int, out_bytes: int) -> Callable[[], Any]:
+    def get_chunk(
+        key: str, decode_into: Callable[[bytes | None], None], size: int, out_bytes: int
+    ) -> Callable[[], Any]:
         async def job() -> None:
             await budget.acquire(size)
             try:
@@ -255,7 +274,22 @@ async def read_selections(
 
         return job
 
-    def batch_job(items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int) -> Callable[[], Any]:
+    def get_direct(
+        key: str, path: str, layout: ArrayLayout, dest: np.ndarray, out_bytes: int
+    ) -> Callable[[], Any]:
+        def read() -> None:
+            where = f"leaf {path!r} ({storage.describe(key)})"
+            layout.read_raw_into(storage.read_into, key, dest, where)  # type: ignore[attr-defined]
+
+        async def job() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, read)
+            progress(out_bytes)
+
+        return job
+
+    def batch_job(
+        items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int
+    ) -> Callable[[], Any]:
         async def job() -> None:
             await budget.acquire(nbytes)
             try:
@@ -284,8 +318,18 @@ async def read_selections(
                     if job:
                         yield job
                 else:
-                    out_bytes = math.prod(p[2].stop - p[2].start for p in parts) * layout.dtype.itemsize
-                    yield get_chunk(key, decode_into, size, out_bytes)
+                    out_bytes = (
+                        math.prod(p[2].stop - p[2].start for p in parts) * layout.dtype.itemsize
+                    )
+                    dest = (
+                        layout.direct_destination(blocks[path], parts)
+                        if storage.reads_into
+                        else None
+                    )
+                    if dest is not None:  # raw chunk straight into the output: no copy
+                        yield get_direct(key, path, layout, dest, out_bytes)
+                    else:
+                        yield get_chunk(key, decode_into, size, out_bytes)
         job = batcher.flush()
         if job:
             yield job

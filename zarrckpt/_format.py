@@ -206,6 +206,45 @@ class ArrayLayout:
         checksum = google_crc32c.value(payload)
         return [payload, checksum.to_bytes(4, "little")]
 
+    def direct_destination(
+        self, block: np.ndarray, parts: tuple[tuple[int, slice, slice], ...]
+    ) -> np.ndarray | None:
+        """The part of ``block`` a raw chunk can be read into directly, or None.
+
+        That is possible when the codec is ``none`` and the selection takes the chunk's whole
+        valid region: with leading-axis chunking the valid region is then a prefix of the
+        chunk's bytes (only the last chunk is padded) and a contiguous run of ``block``.
+        """
+        if self.codec != "none" or not parts:
+            return None
+        idx = tuple(p[0] for p in parts)
+        region = self.chunk_region(idx)
+        for (_, inner, _), r in zip(parts, region, strict=True):
+            if inner.start != 0 or inner.step != 1 or inner.stop != r.stop - r.start:
+                return None
+        dest = block[tuple(p[2] for p in parts)]
+        return dest if dest.flags.c_contiguous else None
+
+    def read_raw_into(self, read_into: Any, key: str, dest: np.ndarray, where: str) -> None:
+        """Read a raw chunk into ``dest`` (its valid prefix) and verify its checksum."""
+        valid = dest.reshape(-1).view(np.uint8)
+        pad = np.empty(self.chunk_nbytes - valid.size, dtype=np.uint8)
+        tail = bytearray(4)
+        got = read_into(key, [valid, pad, tail])
+        if got is None:
+            raise CorruptCheckpointError(f"{where}: chunk is missing")
+        if got != self.chunk_nbytes + 4:
+            raise CorruptCheckpointError(
+                f"{where}: chunk holds {got - 4} bytes, expected {self.chunk_nbytes}"
+            )
+        crc = google_crc32c.value(valid)
+        if pad.size:
+            crc = google_crc32c.extend(crc, pad)
+        if crc != int.from_bytes(tail, "little"):
+            raise CorruptCheckpointError(
+                f"{where}: crc32c checksum mismatch (the chunk is damaged)"
+            )
+
     def decode_chunk(self, data: bytes | bytearray | memoryview, where: str) -> np.ndarray:
         """A chunk-shaped array from encoded bytes; damage raises naming ``where``."""
         buf = np.frombuffer(data, dtype=np.uint8)

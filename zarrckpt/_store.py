@@ -54,6 +54,9 @@ class Storage:
         """Replace ``key`` so that readers see the old or the new value, never a mix."""
         raise NotImplementedError
 
+    #: whether :meth:`read_into` exists (blocking, called from I/O threads)
+    reads_into: bool = False
+
     #: whether small writes and reads should be grouped (:meth:`put_batch`, :meth:`get_batch`)
     batches_small_io: bool = False
 
@@ -191,6 +194,32 @@ class LocalStorage(Storage):
         await self._run(self._put, key, parts)
 
     batches_small_io = True
+    reads_into = True
+
+    def read_into(self, key: str, buffers: list[Any]) -> int | None:
+        """Fill ``buffers`` in order from the file (``readv``); bytes in the file, or None."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            views = [memoryview(b).cast("B") for b in buffers]
+            views = [v for v in views if v.nbytes]
+            done = 0
+            while views:
+                n = os.readv(fd, views)
+                if n == 0:
+                    break
+                done += n
+                while views and n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                if views and n:
+                    views[0] = views[0][n:]
+            return size
+        finally:
+            os.close(fd)
 
     def _put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
         for key, make in items:
