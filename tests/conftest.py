@@ -45,29 +45,21 @@ def gcs_server(tmp_path_factory):
     stop(proc, fh)
 
 
-def _bucket() -> str:
-    return "t-" + uuid.uuid4().hex[:12]
+def _fresh_bucket(protocol: str, options: dict) -> tuple[str, dict]:
+    """A new bucket (names are unique per test): ``(root URL, storage_options)``."""
+    bucket = "t-" + uuid.uuid4().hex[:12]
+    fsspec.filesystem(protocol, skip_instance_cache=True, **options).mkdir(bucket)
+    return f"{protocol}://{bucket}/run", options
 
 
 @pytest.fixture
 def s3_root(s3_server):
-    """A fresh bucket on the S3 server: (url, storage_options)."""
-    import s3fs
-
-    options = s3_options(s3_server)
-    bucket = _bucket()
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(bucket)
-    return f"s3://{bucket}/run", options
+    return _fresh_bucket("s3", s3_options(s3_server))
 
 
 @pytest.fixture
 def gcs_root(gcs_server):
-    import gcsfs
-
-    options = gcs_options(gcs_server)
-    bucket = _bucket()
-    gcsfs.GCSFileSystem(skip_instance_cache=True, **options).mkdir(bucket)
-    return f"gs://{bucket}/run", options
+    return _fresh_bucket("gs", gcs_options(gcs_server))
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,23 @@ class _Budget:
         async with self._cond:
             self.used -= n
             self._cond.notify_all()
+
+
+def _budgeted(
+    budget: _Budget, nbytes: int, work: Callable[[], Awaitable[Any]],
+    progress: Callable[[int], None], done_bytes: int,
+) -> Callable[[], Awaitable[None]]:  # fmt: skip
+    """A job that holds ``nbytes`` of the budget while ``work`` runs, then reports progress."""
+
+    async def job() -> None:
+        await budget.acquire(nbytes)
+        try:
+            await work()
+        finally:
+            await budget.release(nbytes)
+        progress(done_bytes)
+
+    return job
 
 
 @dataclass(frozen=True)
@@ -155,30 +172,16 @@ async def write_step(
         layout = leaf.layout
         size = layout.chunk_nbytes
 
-        async def job() -> None:
-            await budget.acquire(size)
-            try:
-                chunk = layout.chunk_data(leaf.array, idx)
-                parts = await _offload(size, layout.encode_chunk, chunk)
-                await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
-            finally:
-                await budget.release(size)
-            progress(min(size, layout.nbytes))
+        async def work() -> None:
+            parts = await _offload(size, layout.encode_chunk, layout.chunk_data(leaf.array, idx))
+            await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
 
-        return job
+        return _budgeted(budget, size, work, progress, min(size, layout.nbytes))
 
     def batch_job(
         items: list[tuple[str, Callable[[], list[Any]]]], nbytes: int
     ) -> Callable[[], Any]:
-        async def job() -> None:
-            await budget.acquire(nbytes)
-            try:
-                await storage.put_batch(items)
-            finally:
-                await budget.release(nbytes)
-            progress(nbytes)
-
-        return job
+        return _budgeted(budget, nbytes, lambda: storage.put_batch(items), progress, nbytes)
 
     def encoder(
         layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]
@@ -263,16 +266,10 @@ async def read_selections(
     def get_chunk(
         key: str, decode_into: Callable[[bytes | None], None], size: int, out_bytes: int
     ) -> Callable[[], Any]:
-        async def job() -> None:
-            await budget.acquire(size)
-            try:
-                data = await storage.get(key)
-                await _offload(size, decode_into, data)
-            finally:
-                await budget.release(size)
-            progress(out_bytes)
+        async def work() -> None:
+            await _offload(size, decode_into, await storage.get(key))
 
-        return job
+        return _budgeted(budget, size, work, progress, out_bytes)
 
     def get_direct(
         key: str, path: str, layout: ArrayLayout, dest: np.ndarray, out_bytes: int
@@ -290,15 +287,7 @@ async def read_selections(
     def batch_job(
         items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int
     ) -> Callable[[], Any]:
-        async def job() -> None:
-            await budget.acquire(nbytes)
-            try:
-                await storage.get_batch(items)
-            finally:
-                await budget.release(nbytes)
-            progress(nbytes)
-
-        return job
+        return _budgeted(budget, nbytes, lambda: storage.get_batch(items), progress, nbytes)
 
     batcher = _Batcher(storage.batches_small_io and parallel, batch_job)
 
