@@ -23,11 +23,11 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from bench_local import build_state  # noqa: E402
+import jax
+import jax.numpy as jnp
+from bench_local import build_state
 
-import zarrckpt  # noqa: E402
+import zarrckpt
 
 
 def loop_rate(seconds: float, step, w) -> tuple[float, object]:
@@ -65,7 +65,9 @@ def main() -> None:
             idle_rate.append(rate)
             with zarrckpt.AsyncManager() as manager:
                 start = time.perf_counter()
-                zarrckpt.save_pytree(os.path.join(root, f"async{rep}"), state, async_manager=manager, verbose=False)
+                zarrckpt.save_pytree(
+                    os.path.join(root, f"async{rep}"), state, async_manager=manager, verbose=False
+                )
                 block_s.append(time.perf_counter() - start)
                 n, t0 = 0, time.perf_counter()
                 future = manager._future
@@ -79,14 +81,20 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
-    print(f"\nState: {nbytes / 2**30:.2f} GiB of JAX arrays; median of {args.repeats}; local disk.\n")
+    print(
+        f"\nState: {nbytes / 2**30:.2f} GiB of JAX arrays; median of {args.repeats}; local disk.\n"
+    )
     print("| measure | value |")
     print("|---|---|")
     print(f"| synchronous save | {med(sync_s):.2f} s |")
-    print(f"| async save: caller blocked | {med(block_s) * 1000:.0f} ms ({med(block_s) / med(sync_s) * 100:.1f}% of a synchronous save) |")
+    print(
+        f"| async save: caller blocked | {med(block_s) * 1000:.0f} ms ({med(block_s) / med(sync_s) * 100:.1f}% of a synchronous save) |"
+    )
     print(f"| async save: until committed | {med(total_s):.2f} s |")
     print(f"| update loop, no save running | {med(idle_rate):.0f} steps/s |")
-    print(f"| update loop, async save running | {med(busy_rate):.0f} steps/s ({med(busy_rate) / med(idle_rate) * 100:.0f}%) |")
+    print(
+        f"| update loop, async save running | {med(busy_rate):.0f} steps/s ({med(busy_rate) / med(idle_rate) * 100:.0f}%) |"
+    )
 
 
 if __name__ == "__main__":

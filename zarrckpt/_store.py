@@ -27,6 +27,7 @@ from zarr.abc.store import Store
 from zarr.buffer import cpu, default_buffer_prototype
 from zarr.storage import FsspecStore
 
+from ._sync import batch_executor
 from .errors import StoreError, ZarrCkptError
 
 __all__ = ["LocalStorage", "S3Storage", "Storage", "StoreStorage", "open_storage"]
@@ -167,6 +168,10 @@ class LocalStorage(Storage):
     async def _run(fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
+    @staticmethod
+    async def _run_batch(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(batch_executor(), fn, *args)
+
     def _get(self, key: str) -> bytes | None:
         try:
             with open(self._path(key), "rb", buffering=0) as f:
@@ -226,14 +231,14 @@ class LocalStorage(Storage):
             self._put(key, make())
 
     async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
-        await self._run(self._put_batch, items)
+        await self._run_batch(self._put_batch, items)
 
     def _get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
         for key, consume in items:
             consume(self._get(key))
 
     async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
-        await self._run(self._get_batch, items)
+        await self._run_batch(self._get_batch, items)
 
     def _put_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
