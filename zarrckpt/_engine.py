@@ -171,12 +171,17 @@ async def write_step(
     def put_chunk(leaf: LeafData, idx: tuple[int, ...]) -> Callable[[], Any]:
         layout = leaf.layout
         size = layout.chunk_nbytes
+        # A raw, unpadded chunk is written from the caller's own buffer (writev): it costs no
+        # memory, so it takes none of the budget. Compressed or copied chunks do.
+        region = layout.chunk_region(idx)
+        padded = any(r.stop - r.start != c for r, c in zip(region, layout.chunks, strict=True))
+        zero_copy = storage.zero_copy_writes and layout.codec == "none" and not padded
 
         async def work() -> None:
             parts = await _offload(size, layout.encode_chunk, layout.chunk_data(leaf.array, idx))
             await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
 
-        return _budgeted(budget, size, work, progress, min(size, layout.nbytes))
+        return _budgeted(budget, 0 if zero_copy else size, work, progress, min(size, layout.nbytes))
 
     def batch_job(
         items: list[tuple[str, Callable[[], list[Any]]]], nbytes: int

@@ -55,6 +55,9 @@ class Storage:
         """Replace ``key`` so that readers see the old or the new value, never a mix."""
         raise NotImplementedError
 
+    #: whether :meth:`put` writes the given buffers without copying them
+    zero_copy_writes: bool = False
+
     #: whether :meth:`read_into` exists (blocking, called from I/O threads)
     reads_into: bool = False
 
@@ -200,6 +203,7 @@ class LocalStorage(Storage):
 
     batches_small_io = True
     reads_into = True
+    zero_copy_writes = True
 
     def read_into(self, key: str, buffers: list[Any]) -> int | None:
         """Fill ``buffers`` in order from the file (``readv``); bytes in the file, or None."""

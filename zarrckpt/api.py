@@ -151,7 +151,8 @@ def save_pytree(
             snapshotted, and writing happens in the background.
         verbose: print a summary (and a progress bar for saves longer than a second).
         storage_options: passed to fsspec for URLs (credentials, ``endpoint_url``, ...).
-        chunk_bytes: target uncompressed chunk size (default 8 MiB).
+        chunk_bytes: target uncompressed chunk size (default 64 MiB; smaller makes lazy
+            slices finer, larger loads faster).
         codec: ``"none"``, ``"zstd[:level]"`` or ``"gzip[:level]"`` for every leaf; by default
             integer and bool leaves get ``zstd:1`` and float leaves none.
 
