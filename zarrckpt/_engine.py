@@ -171,14 +171,12 @@ async def write_step(
     def put_chunk(leaf: LeafData, idx: tuple[int, ...]) -> Callable[[], Any]:
         layout = leaf.layout
         size = layout.chunk_nbytes
-        # A raw, unpadded chunk is written from the caller's own buffer (writev): it costs no
-        # memory, so it takes none of the budget. Compressed or copied chunks do.
-        region = layout.chunk_region(idx)
-        padded = any(r.stop - r.start != c for r, c in zip(region, layout.chunks, strict=True))
-        zero_copy = storage.zero_copy_writes and layout.codec == "none" and not padded
+        # A raw chunk is written from the caller's own buffer (writev): it costs no memory, so
+        # it takes none of the budget. Compressed or copied chunks do.
+        zero_copy = storage.zero_copy_writes and layout.codec == "none"
 
         async def work() -> None:
-            parts = await _offload(size, layout.encode_chunk, layout.chunk_data(leaf.array, idx))
+            parts = await _offload(size, layout.encode_at, leaf.array, idx)
             await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
 
         return _budgeted(budget, 0 if zero_copy else size, work, progress, min(size, layout.nbytes))
@@ -191,7 +189,7 @@ async def write_step(
     def encoder(
         layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]
     ) -> Callable[[], list[Any]]:
-        return lambda: layout.encode_chunk(layout.chunk_data(array, idx))
+        return lambda: layout.encode_at(array, idx)
 
     batcher = _Batcher(storage.batches_small_io, batch_job)
 

@@ -198,6 +198,35 @@ class ArrayLayout:
         full[tuple(slice(0, r.stop - r.start) for r in region)] = part
         return full
 
+    def _valid_is_prefix(self, region: tuple[slice, ...]) -> bool:
+        """Whether a chunk's valid (unpadded) elements are a prefix of its C-order bytes."""
+        valid = [r.stop - r.start for r in region]
+        partial = [i for i, (v, c) in enumerate(zip(valid, self.chunks, strict=True)) if v < c]
+        if not partial:
+            return True
+        first = partial[0]
+        return all(c == 1 for c in self.chunks[:first]) and partial == [first]
+
+    def encode_at(self, array: np.ndarray, idx: tuple[int, ...]) -> list[Any]:
+        """Encoded chunk ``idx`` of ``array``; raw chunks are views of ``array`` (no copy),
+        an edge chunk's padding a separate run of zeros."""
+        region = self.chunk_region(idx)
+        part = array[region]
+        if (
+            self.codec == "none"
+            and part.dtype.byteorder != ">"
+            and part.flags.c_contiguous
+            and self._valid_is_prefix(region)
+        ):
+            raw = part.reshape(-1).view(np.uint8)
+            crc = google_crc32c.value(raw)
+            pad = self.chunk_nbytes - raw.size
+            if not pad:
+                return [raw, crc.to_bytes(4, "little")]
+            zeros = np.zeros(pad, dtype=np.uint8)
+            return [raw, zeros, google_crc32c.extend(crc, zeros).to_bytes(4, "little")]
+        return self.encode_chunk(self.chunk_data(array, idx))
+
     def encode_chunk(self, chunk: np.ndarray) -> list[Any]:
         """Encoded bytes of a chunk, as buffers to write one after the other."""
         raw = chunk.reshape(-1).view(np.uint8)
