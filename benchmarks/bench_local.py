@@ -165,8 +165,10 @@ def load(system: str, path: str, like: dict | None) -> object:
     if system == "raw":
         size = os.path.getsize(path)
         buf = np.empty(size, dtype=np.uint8)
+        view, done = memoryview(buf), 0
         with open(path, "rb", buffering=0) as f:
-            f.readinto(memoryview(buf))
+            while done < size:  # one read() returns at most ~2 GiB on Linux
+                done += f.readinto(view[done:])
         return buf
     if system == "npsave":
         return [np.load(os.path.join(path, f"{i}.npy")) for i in range(len(os.listdir(path)))]

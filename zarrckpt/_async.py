@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ._sync import lower_priority
+
 __all__ = ["AsyncManager"]
 
 
@@ -23,7 +25,7 @@ class AsyncManager:
 
     def __init__(self, max_workers: int = 1) -> None:
         self._executor = ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="zarrckpt-save"
+            max_workers, thread_name_prefix="zarrckpt-save", initializer=lower_priority
         )
         self._future: Future[Any] | None = None
         self._lock = threading.Lock()
