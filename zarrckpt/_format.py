@@ -40,7 +40,7 @@ if sys.byteorder != "little":  # pragma: no cover
 #: Target size of one chunk before compression. Measured on 1 GiB of float32 matrices read
 #: cold from local disk: 8 MiB chunks 0.58-0.62 s, 32 MiB 0.45-0.62 s, 64 MiB 0.41-0.43 s,
 #: one raw file 0.34-0.35 s. Larger chunks make lazy slices coarser; pass ``chunk_bytes``
-#: to trade load speed for finer slicing.
+#: to trade load speed for finer slicing. (Object stores default to 16 MiB: see ``_store``.)
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 _COMPRESSORS = {"zstd": (numcodecs.Zstd, 1), "gzip": (numcodecs.GZip, 5)}

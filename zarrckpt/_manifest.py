@@ -56,7 +56,7 @@ __all__ = ["FORMAT_VERSION", "MANIFEST_KEY", "Manifest", "StepInfo"]
 
 MANIFEST_KEY = "zarr.json"
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)\.([0-9a-f]{12})[0-9a-f]+$")
+_STEP_DIR = re.compile(r"^(?:\.tmp-)?step_(\d+)\.([0-9a-f]{12})[0-9a-f]+$")
 
 
 @dataclass(frozen=True)

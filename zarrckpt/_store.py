@@ -55,6 +55,11 @@ class Storage:
         """Replace ``key`` so that readers see the old or the new value, never a mix."""
         raise NotImplementedError
 
+    #: default chunk size: object stores get more, smaller requests in flight (and finer
+    #: lazy slices, where every byte crosses the network); local disks read fewer, larger
+    #: files faster (see ``_format.DEFAULT_CHUNK_BYTES``)
+    default_chunk_bytes: int = 16 * 1024 * 1024
+
     #: whether :meth:`put` writes the given buffers without copying them
     zero_copy_writes: bool = False
 
@@ -204,6 +209,7 @@ class LocalStorage(Storage):
     batches_small_io = True
     reads_into = True
     zero_copy_writes = True
+    default_chunk_bytes = 64 * 1024 * 1024
 
     def read_into(self, key: str, buffers: list[Any]) -> int | None:
         """Fill ``buffers`` in order from the file (``readv``); bytes in the file, or None."""
@@ -315,9 +321,13 @@ class LocalStorage(Storage):
         return await self._run(self._put_if_unchanged, key, data, token)
 
     def _begin_step(self, step_dir: str) -> None:
-        os.makedirs(self._path(step_dir), exist_ok=True)
-        fd = os.open(self._path(f"{step_dir}/{self._LEASE}"), os.O_RDWR | os.O_CREAT, 0o644)
+        # The directory appears (by rename) with its lease already locked, so a step
+        # directory without a lease file is always a finished one.
+        tmp = self._path(f".tmp-{step_dir}")
+        os.makedirs(tmp)
+        fd = os.open(os.path.join(tmp, self._LEASE), os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(tmp, self._path(step_dir))
         self._leases[step_dir] = fd
 
     async def begin_step(self, step_dir: str) -> None:
@@ -337,8 +347,10 @@ class LocalStorage(Storage):
         try:
             fd = os.open(self._path(f"{step_dir}/{self._LEASE}"), os.O_RDWR)
         except FileNotFoundError:
-            # No lease: a finished step, or a writer between mkdir and flock (microseconds).
-            return time.time() - created > 60
+            # No lease: a finished step (committed, then dropped by a commit whose garbage
+            # collection did not run), or a ``.tmp-`` directory of a writer that died before
+            # creating its lease.
+            return not step_dir.startswith(".tmp-") or time.time() - created > 60
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -151,8 +151,8 @@ def save_pytree(
             snapshotted, and writing happens in the background.
         verbose: print a summary (and a progress bar for saves longer than a second).
         storage_options: passed to fsspec for URLs (credentials, ``endpoint_url``, ...).
-        chunk_bytes: target uncompressed chunk size (default 64 MiB; smaller makes lazy
-            slices finer, larger loads faster).
+        chunk_bytes: target uncompressed chunk size (default 64 MiB on local disks, 16 MiB
+            on object stores; smaller makes lazy slices finer, larger loads faster).
         codec: ``"none"``, ``"zstd[:level]"`` or ``"gzip[:level]"`` for every leaf; by default
             integer and bool leaves get ``zstd:1`` and float leaves none.
 
@@ -169,6 +169,7 @@ def save_pytree(
         )
     if async_manager is not None:
         async_manager.wait_previous_save()  # overwrite/keep must see committed state
+    chunk_bytes = chunk_bytes or storage.default_chunk_bytes
     plan = _plan(target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec)
     found, token = run(read_manifest_versioned(storage))
     manifest = found or Manifest()
