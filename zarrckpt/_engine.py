@@ -345,34 +345,42 @@ async def read_leaves(
     """
     out: dict[str, np.ndarray] = {}
     rest: dict[str, tuple[ArrayLayout, Selection]] = {}
-    batches: list[list[tuple[str, Callable[[bytes | None], None]]]] = [[]]
-    for path, layout in layouts.items():
-        whole = layout.chunks == layout.shape or not layout.shape
-        if storage.batches_small_io and parallel and whole and 0 < layout.nbytes < _INLINE_BYTES:
-            key = f"{step_dir}/{path}/{layout.chunk_key((0,) * len(layout.shape))}"
 
-            def consume(
-                data: bytes | None, path: str = path, layout: ArrayLayout = layout, key: str = key
-            ) -> None:
-                if data is None:
-                    raise CorruptCheckpointError(
-                        f"leaf {path!r}: chunk {storage.describe(key)} is missing"
-                    )
-                out[path] = layout.decode_chunk(
-                    data, f"leaf {path!r} ({storage.describe(key)})"
-                ).copy()
+    def batch_job(
+        items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int
+    ) -> Callable[[], Any]:
+        async def job() -> None:
+            await storage.get_batch(items)
+            progress(nbytes)
 
-            if len(batches[-1]) >= _BATCH_ITEMS:
-                batches.append([])
-            batches[-1].append((key, consume))
-        else:
-            rest[path] = (layout, normalize((), layout.shape))
+        return job
 
-    async def run_batch(items: list[tuple[str, Callable[[bytes | None], None]]]) -> None:
-        await storage.get_batch(items)
-        progress(sum(layouts[k.rsplit("/", 1)[0][len(step_dir) + 1 :]].nbytes for k, _ in items))
+    def consumer(path: str, layout: ArrayLayout, key: str) -> Callable[[bytes | None], None]:
+        def consume(data: bytes | None) -> None:
+            if data is None:
+                raise CorruptCheckpointError(
+                    f"leaf {path!r}: chunk {storage.describe(key)} is missing"
+                )
+            out[path] = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})").copy()
 
-    jobs = [lambda items=items: run_batch(items) for items in batches if items]
-    await _gather_bounded(iter(jobs), MAX_REQUESTS_IN_FLIGHT)
+        return consume
+
+    batcher = _Batcher(storage.batches_small_io and parallel, batch_job)
+
+    def jobs() -> Iterable[Callable[[], Any]]:
+        for path, layout in layouts.items():
+            whole = layout.chunks == layout.shape or not layout.shape
+            if batcher.enabled and whole and 0 < layout.nbytes < _INLINE_BYTES:
+                key = f"{step_dir}/{path}/{layout.chunk_key((0,) * len(layout.shape))}"
+                job = batcher.add((key, consumer(path, layout, key)), layout.nbytes)
+                if job:
+                    yield job
+            else:
+                rest[path] = (layout, normalize((), layout.shape))
+        job = batcher.flush()
+        if job:
+            yield job
+
+    await _gather_bounded(jobs(), MAX_REQUESTS_IN_FLIGHT)
     out.update(await read_selections(storage, step_dir, rest, progress, parallel))
     return {path: out[path] for path in layouts}
