@@ -123,16 +123,23 @@ class Storage:
         return False
 
 
+def _views(buffers: Sequence[Any]) -> list[memoryview]:
+    return [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of a vectored I/O's buffers (after a partial readv/writev)."""
+    while views and n >= views[0].nbytes:
+        n -= views[0].nbytes
+        views.pop(0)
+    if views and n:
+        views[0] = views[0][n:]
+
+
 def _write_all(fd: int, parts: Sequence[Any]) -> None:
-    views = [memoryview(p).cast("B") for p in parts]
-    views = [v for v in views if v.nbytes]
+    views = _views(parts)
     while views:
-        written = os.writev(fd, views)
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+        _advance(views, os.writev(fd, views))
 
 
 _libc: Any = None
@@ -219,19 +226,12 @@ class LocalStorage(Storage):
             return None
         try:
             size = os.fstat(fd).st_size
-            views = [memoryview(b).cast("B") for b in buffers]
-            views = [v for v in views if v.nbytes]
-            done = 0
+            views = _views(buffers)
             while views:
                 n = os.readv(fd, views)
-                if n == 0:
+                if n == 0:  # a short file: the caller compares ``size`` with what it expects
                     break
-                done += n
-                while views and n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                if views and n:
-                    views[0] = views[0][n:]
+                _advance(views, n)
             return size
         finally:
             os.close(fd)
