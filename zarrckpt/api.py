@@ -374,11 +374,11 @@ def load_pytree(
     """
     if mismatch not in ("error", "warn", "ignore"):
         raise ValueError(f"mismatch must be 'error', 'warn' or 'ignore', got {mismatch!r}")
-    opened = _open_step(filename, step, storage_options)
+    storage = open_storage(filename, storage_options, read_only=True)
+    opened = _open_step(storage, step, None)
     if opened is None:
         warnings.warn(
-            f"no checkpoint at {open_storage(filename, storage_options).url}; "
-            "returning the target unchanged",
+            f"no checkpoint at {storage.url}; returning the target unchanged",
             MissingCheckpointWarning,
             stacklevel=2,
         )
