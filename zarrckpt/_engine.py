@@ -69,6 +69,19 @@ def _budgeted(
     return job
 
 
+def _chunk_consumer(
+    storage: Storage, path: str, layout: ArrayLayout, key: str, put: Callable[[np.ndarray], None]
+) -> Callable[[bytes | None], None]:
+    """Decode a chunk's bytes (None: the chunk is missing) and hand the array to ``put``."""
+
+    def consume(data: bytes | None) -> None:
+        if data is None:
+            raise CorruptCheckpointError(f"leaf {path!r}: chunk {storage.describe(key)} is missing")
+        put(layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})"))
+
+    return consume
+
+
 @dataclass(frozen=True)
 class LeafData:
     """A leaf to write: its path in the step, host array, layout and zarr attributes."""
@@ -256,15 +269,10 @@ async def read_selections(
         outer = tuple(p[2] for p in parts)
         key = f"{step_dir}/{path}/{layout.chunk_key(idx)}"
 
-        def decode_into(data: bytes | None) -> None:
-            if data is None:
-                raise CorruptCheckpointError(
-                    f"leaf {path!r}: chunk {storage.describe(key)} is missing"
-                )
-            chunk = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})")
+        def put(chunk: np.ndarray) -> None:
             blocks[path][outer] = chunk[inner]
 
-        return key, decode_into
+        return key, _chunk_consumer(storage, path, layout, key, put)
 
     def get_chunk(
         key: str, decode_into: Callable[[bytes | None], None], size: int, out_bytes: int
@@ -356,14 +364,9 @@ async def read_leaves(
         return job
 
     def consumer(path: str, layout: ArrayLayout, key: str) -> Callable[[bytes | None], None]:
-        def consume(data: bytes | None) -> None:
-            if data is None:
-                raise CorruptCheckpointError(
-                    f"leaf {path!r}: chunk {storage.describe(key)} is missing"
-                )
-            out[path] = layout.decode_chunk(data, f"leaf {path!r} ({storage.describe(key)})").copy()
-
-        return consume
+        return _chunk_consumer(
+            storage, path, layout, key, lambda chunk: out.__setitem__(path, chunk.copy())
+        )
 
     batcher = _Batcher(storage.batches_small_io and parallel, batch_job)
 
