@@ -27,7 +27,7 @@ def test_values_are_those_at_call_time(url):
 
 
 def test_errors_surface_on_wait_and_close(url, monkeypatch):
-    import zarrckpt.api as api
+    import zarrckpt._write as api
 
     async def boom(*args, **kwargs):
         raise OSError("disk on fire")
@@ -46,7 +46,7 @@ def test_errors_surface_on_wait_and_close(url, monkeypatch):
 
 
 def test_a_save_waits_for_the_previous_one(url, monkeypatch):
-    import zarrckpt.api as api
+    import zarrckpt._write as api
 
     release = threading.Event()
     original = api.write_step

@@ -7,7 +7,7 @@ import pytest
 
 import zarrckpt
 from zarrckpt import CheckpointNotFoundError
-from zarrckpt._store import LocalStorage
+from zarrckpt._storage import LocalStorage
 
 
 class CountingStorage(LocalStorage):

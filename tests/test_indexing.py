@@ -8,15 +8,15 @@ from hypothesis import strategies as st
 from zarrckpt._engine import read_selections, write_step
 from zarrckpt._format import ArrayLayout
 from zarrckpt._indexing import normalize
-from zarrckpt._store import open_storage
+from zarrckpt._storage import open_storage
 from zarrckpt._sync import run
-from zarrckpt.api import _plan
+from zarrckpt._write import plan as _plan
 
 
 def _write(tmp_path, array, chunk_bytes):
     storage = open_storage(str(tmp_path))
     plan = _plan({"a": array}, copy=False, chunk_bytes=chunk_bytes, codec="zstd:1")
-    run(write_step(storage, "s", plan.leaves, plan.groups, {}))
+    run(write_step(storage, "s", plan.leaves, plan.groups, b"{}"))
     return storage, plan.leaves[0].layout
 
 

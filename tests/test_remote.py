@@ -38,9 +38,10 @@ def _state(n_leaves=200, n_groups=4):
 def test_request_budgets_on_s3(s3_root, s3_calls):
     url, options = s3_root
     zarrckpt.save_pytree(url, _state(), storage_options=options, verbose=False)
-    # Per leaf: its zarr.json and its one chunk. Per step: 4 group documents, the step group
-    # (which carries the index), the manifest; one manifest read, one listing for collection.
-    assert s3_calls["put_object"] == 2 * 200 + 4 + 1 + 1
+    # Per leaf: its zarr.json and its one chunk. Per step: the writer's lease object, 4 group
+    # documents, the step group (which carries the index), the manifest; one manifest read,
+    # the lease's deletion, one listing for collection.
+    assert s3_calls["put_object"] == 1 + 2 * 200 + 4 + 1 + 1
     assert s3_calls["head_object"] == 0
     assert sum(s3_calls.values()) <= 2 * 200 + 12, dict(s3_calls)
 
@@ -126,7 +127,7 @@ def test_network_failure_mid_save_leaves_the_committed_step(s3_root, monkeypatch
 def test_a_commit_that_lost_the_race_raises_and_cleans_up(
     backend_name, s3_root, tmp_path, monkeypatch
 ):
-    import zarrckpt.api as api
+    import zarrckpt._write as api
 
     url, options = (str(tmp_path / "ckpt"), None) if backend_name == "local" else s3_root
     zarrckpt.save_pytree(url, {"who": "first"}, storage_options=options, verbose=False)

@@ -8,7 +8,7 @@ import pytest
 
 import zarrckpt
 from zarrckpt import AlreadyExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from zarrckpt._store import open_storage
+from zarrckpt._storage import open_storage
 from zarrckpt._sync import run
 
 
@@ -47,16 +47,36 @@ def test_keep_none_keeps_all_and_keep_n_the_newest(url):
 def test_explicit_steps_and_overwrite_false(url):
     save(url, 5, step=5, keep=None)
     save(url, 7, step=7, keep=None)
-    with pytest.raises(AlreadyExistsError, match="cannot save step 7: step 7 is already committed"):
+    with pytest.raises(
+        AlreadyExistsError, match="cannot save step 7 with overwrite=False: step 7 is already"
+    ):
         save(url, 0, step=7, overwrite=False)
-    with pytest.raises(AlreadyExistsError, match="cannot save step 6: step 7"):
+    with pytest.raises(AlreadyExistsError, match="cannot save step 6 with overwrite=False: step 7"):
         save(url, 0, step=6, overwrite=False)
     with pytest.raises(FileExistsError):  # the built-in a caller would catch
         save(url, 0, step=3, overwrite=False)
-    save(url, 8, step=8, overwrite=False, keep=None)
-    save(url, 9, overwrite=False, keep=None)  # step=None never conflicts
-    assert zarrckpt.list_steps(url) == [5, 7, 8, 9]
+    save(url, 8, step=8, overwrite=False)  # keeps every step by default
+    assert zarrckpt.list_steps(url) == [5, 7, 8]
     assert load(url, step=7) == 7
+
+
+def test_overwrite_false_protects_existing_data(url):
+    """BrainPy's rule: overwrite=False on an existing checkpoint raises; nothing is deleted."""
+    save(url, 1)
+    with pytest.raises(
+        AlreadyExistsError, match=r"cannot save the next step with overwrite=False: step 0"
+    ):
+        save(url, 2, overwrite=False)
+    with pytest.raises(AlreadyExistsError, match=r"keep=1 would delete committed step\(s\) \[0\]"):
+        save(url, 2, step=1, overwrite=False, keep=1)
+    assert zarrckpt.list_steps(url) == [0] and load(url) == 1
+    save(url, 3, step=1, overwrite=False, keep=2)  # drops nothing: allowed
+    save(url, 4, step=2, overwrite=False)  # default keep under overwrite=False: all
+    assert zarrckpt.list_steps(url) == [0, 1, 2]
+    with pytest.raises(AlreadyExistsError):
+        save(url, 5, overwrite=False)
+    assert [load(url, step=s) for s in (0, 1, 2)] == [1, 3, 4]
+    assert len(step_dirs(url)) == 3
 
 
 def test_overwrite_replaces_the_step_and_drops_later_ones(url):
@@ -165,21 +185,53 @@ def test_another_writers_unfinished_step_is_not_debris(local_url):
     assert alive not in step_dirs(local_url)
 
 
-def test_s3_debris_is_collected_only_after_the_grace_period(s3_root, monkeypatch):
+def test_s3_debris_is_collected_once_its_writers_lease_has_expired(s3_root, monkeypatch):
+    """On object stores a writer's lease is an object with an expiry time, kept fresh by a
+    heartbeat; a directory whose lease is live is another writer's work in progress."""
+    import json
+    import time
+
     from zarrckpt._manifest import new_step_dir
 
     url, options = s3_root
     zarrckpt.save_pytree(url, {"v": 1}, storage_options=options, verbose=False)
     storage = open_storage(url, options)
-    recent, old = new_step_dir(7), "step_0000000008.000000000001cafe0000"
-    for name in (recent, old):
+    writing, dead, finished = new_step_dir(7), new_step_dir(8), new_step_dir(9)
+    for name, expires in ((writing, time.time() + 600), (dead, time.time() - 1)):
+        lease = json.dumps({"writer": "x", "expires": expires}).encode()
+        run(storage.put(f"{name}/.zarrckpt-lease", [lease]))
+    for name in (writing, dead, finished):
         run(storage.put(f"{name}/v/zarr.json", [b"{}"]))
     zarrckpt.save_pytree(url, {"v": 2}, storage_options=options, verbose=False)
     names = step_dirs(url)
-    assert recent in names and old not in names  # a concurrent writer's work is left alone
-    monkeypatch.setenv("ZARRCKPT_DEBRIS_GRACE_S", "0")
-    zarrckpt.save_pytree(url, {"v": 3}, storage_options=options, verbose=False)
-    assert recent not in step_dirs(url)
+    assert writing in names  # a concurrent writer's work is left alone
+    assert dead not in names and finished not in names
+
+
+def test_object_store_lease_is_refreshed_while_writing(monkeypatch):
+    """A save that outlasts the lease TTL keeps its lease alive (heartbeat)."""
+    import asyncio
+    import json
+
+    import zarrckpt._write as write_module
+
+    monkeypatch.setenv("ZARRCKPT_LEASE_TTL_S", "0.2")
+    url = "memory://lease-heartbeat/ckpt"
+    storage = open_storage(url)
+    original, seen = write_module.write_step, []
+
+    async def slow(storage_, step_dir, *args, **kwargs):
+        first = json.loads(await storage.get(f"{step_dir}/.zarrckpt-lease"))["expires"]
+        await asyncio.sleep(0.5)  # longer than the TTL
+        later = json.loads(await storage.get(f"{step_dir}/.zarrckpt-lease"))["expires"]
+        seen.append((first, later, await storage.lease_expired(step_dir, 0.0)))
+        await original(storage_, step_dir, *args, **kwargs)
+
+    monkeypatch.setattr(write_module, "write_step", slow)
+    zarrckpt.save_pytree(url, {"v": 1}, verbose=False)
+    ((first, later, expired),) = seen
+    assert later > first and not expired
+    assert zarrckpt.load_pytree(url) == {"v": 1}
 
 
 def test_save_returns_the_step_group(local_url):

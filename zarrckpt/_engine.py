@@ -21,7 +21,7 @@ import numpy as np
 
 from ._format import ArrayLayout
 from ._indexing import Selection, normalize
-from ._store import Storage
+from ._storage import Storage
 from .errors import CorruptCheckpointError
 
 __all__ = ["LeafData", "read_leaves", "read_selections", "write_step"]
@@ -168,11 +168,11 @@ async def write_step(
     step_dir: str,
     leaves: list[LeafData],
     group_paths: list[str],
-    step_attributes: dict[str, Any],
+    record: bytes,
     progress: Callable[[int], None] = lambda n: None,
     max_requests: int = MAX_REQUESTS_IN_FLIGHT,
 ) -> None:
-    """Write a whole step under ``step_dir``; its group ``zarr.json`` goes last."""
+    """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last."""
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
 
     def prefixed(path: str) -> str:
@@ -184,15 +184,25 @@ async def write_step(
     def put_chunk(leaf: LeafData, idx: tuple[int, ...]) -> Callable[[], Any]:
         layout = leaf.layout
         size = layout.chunk_nbytes
-        # A raw chunk is written from the caller's own buffer (writev): it costs no memory, so
-        # it takes none of the budget. Compressed or copied chunks do.
-        zero_copy = storage.zero_copy_writes and layout.codec == "none"
+        # A raw chunk of a C-contiguous little-endian array is written from the caller's own
+        # buffer (writev): it costs no memory beyond an edge chunk's padding, so it takes only
+        # that from the budget. Compressed, reordered or byte-swapped chunks are copies.
+        array = leaf.array
+        zero_copy = (
+            storage.zero_copy_writes
+            and layout.codec == "none"
+            and array.flags.c_contiguous
+            and array.dtype.byteorder != ">"
+        )
+        if zero_copy:
+            region = layout.chunk_region(idx)
+            size -= math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
 
         async def work() -> None:
             parts = await _offload(size, layout.encode_at, leaf.array, idx)
             await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
 
-        return _budgeted(budget, 0 if zero_copy else size, work, progress, min(size, layout.nbytes))
+        return _budgeted(budget, size, work, progress, min(layout.chunk_nbytes, layout.nbytes))
 
     def batch_job(
         items: list[tuple[str, Callable[[], list[Any]]]], nbytes: int
@@ -245,7 +255,7 @@ async def write_step(
             yield job
 
     await _gather_bounded(jobs(), max_requests)
-    await storage.put(f"{step_dir}/zarr.json", [_group_json(step_attributes)])
+    await storage.put(f"{step_dir}/zarr.json", [record])
 
 
 async def read_selections(

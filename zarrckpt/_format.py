@@ -40,7 +40,7 @@ if sys.byteorder != "little":  # pragma: no cover
 #: Target size of one chunk before compression. Measured on 1 GiB of float32 matrices read
 #: cold from local disk: 8 MiB chunks 0.58-0.62 s, 32 MiB 0.45-0.62 s, 64 MiB 0.41-0.43 s,
 #: one raw file 0.34-0.35 s. Larger chunks make lazy slices coarser; pass ``chunk_bytes``
-#: to trade load speed for finer slicing. (Object stores default to 16 MiB: see ``_store``.)
+#: to trade load speed for finer slicing. (Object stores default to 16 MiB: see ``_storage``.)
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 _COMPRESSORS = {"zstd": (numcodecs.Zstd, 1), "gzip": (numcodecs.GZip, 5)}
@@ -119,13 +119,43 @@ class ArrayLayout:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ArrayLayout:
-        return cls(
-            tuple(data["shape"]),
-            _dtypes.native_dtype(data["dtype"]),
-            tuple(data["chunks"]),
-            data["codec"],
-        )
+    def from_json(cls, data: dict[str, Any], where: str = "leaf") -> ArrayLayout:
+        """The layout a leaf record describes, validated: a record may come from a stranger."""
+        try:
+            shape, chunks = tuple(data["shape"]), tuple(data["chunks"])
+            dtype, codec = _dtypes.native_dtype(data["dtype"]), parse_codec(data["codec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"{where}: malformed leaf record ({exc})") from None
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in shape + chunks):
+            raise CorruptCheckpointError(f"{where}: shape and chunks must be integers")
+        if (
+            len(shape) != len(chunks)
+            or len(shape) > 64
+            or any(s < 0 or not 1 <= c <= max(1, s) for s, c in zip(shape, chunks, strict=True))
+            or math.prod(shape) * dtype.itemsize >= 2**62
+        ):
+            raise CorruptCheckpointError(
+                f"{where}: impossible layout (shape {shape}, chunks {chunks}, {dtype})"
+            )
+        return cls(shape, dtype, chunks, codec)
+
+    def check_zarr_json(self, doc: Any, where: str) -> None:
+        """Refuse an array ``zarr.json`` that disagrees with this layout (from the record)."""
+        try:
+            found = (
+                tuple(doc["shape"]),
+                doc["data_type"],
+                tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CorruptCheckpointError(f"{where}: malformed zarr.json ({exc})") from None
+        expected = (self.shape, _dtypes.zarr_name(self.dtype), self.chunks)
+        if found != expected:
+            raise CorruptCheckpointError(
+                f"{where}: the step record says shape {self.shape}, {expected[1]}, chunks "
+                f"{self.chunks}; the array's zarr.json says shape {found[0]}, {found[1]}, "
+                f"chunks {found[2]}"
+            )
 
     # --- geometry ----------------------------------------------------------------------------
 

@@ -1,73 +1,123 @@
-"""The manifest and the commit protocol.
+"""The two JSON documents that make a checkpoint: the root's manifest and each step's record.
 
-A checkpoint root is a Zarr v3 group. Its ``zarr.json`` is the **manifest**: the group's
-attributes hold, under ``"zarrckpt"``, the list of committed steps and the directory of
-each. A step is committed if and only if the manifest lists it; readers trust nothing else.
+Both are Zarr v3 group ``zarr.json`` documents whose attributes carry, under
+``"zarrckpt"``, what zarrckpt needs; plain Zarr readers see ordinary groups.
 
-Saving step ``N``:
+- The **manifest** (``<root>/zarr.json``) lists the committed steps: number, directory,
+  time, leaf count, bytes, and the crc32c of the step's record.
+- The **step record** (``<root>/<step dir>/zarr.json``) holds the tree record: the
+  containers, and for each leaf its path, kind, shape, dtype, chunks and codec, so that one
+  read tells a reader the whole step.
 
-1. Write the step under a fresh directory ``step_<N:010d>.<ms:012x><random>`` (the creation
-   time in milliseconds, hex, then random bits): one Zarr array per
-   leaf, a group ``zarr.json`` per container, and last the step group's ``zarr.json`` whose
-   attributes carry the tree record and the index of every leaf (shape, dtype, chunks,
-   codec), so a reader needs one request to know the whole step.
-2. Make it durable. On a local disk, one ``syncfs`` flushes every file and directory of the
-   step (measured ~50 ms for 6,000 inodes, against ~1 s for ``fsync`` of each). Object
-   stores have nothing to flush: a completed PUT is durable.
-3. Publish: replace the manifest with one that lists the new step, *if it is still the
-   manifest this save started from*. Locally the new manifest is written to a temporary
-   file, fsync'd, renamed over ``zarr.json`` and the directory is fsync'd, all under an
-   exclusive ``flock`` that also guards the comparison; on S3 it is one PUT with
-   ``If-Match: <etag>`` (``If-None-Match: *`` for a new root), atomic by itself. If another
-   writer committed in between, this save deletes its directory and raises
-   :class:`ConcurrentWriteError`: two writers can both fail or one can win, but a commit is
-   never lost silently. No rename is needed on object stores, because every step goes to a
-   directory nobody has referenced yet.
-4. Collect garbage: delete step directories the previous manifest listed and the new one
-   does not (steps dropped by ``keep`` or replaced by ``overwrite``), and unreferenced
-   directories that are debris of crashed saves. Debris is told apart from another writer's
-   unfinished step by the writer's lease: locally a ``flock`` held on a file in the
-   directory while it is written (the kernel releases it when the writer dies, so debris is
-   collected by the very next save); on S3, which has no locks, by age (older than an hour,
-   see ``S3Storage``).
+A checkpoint may come from a stranger, so both parsers validate everything they return:
+types, ranges, directory names, and the record's checksum; anything else is a
+:class:`~zarrckpt.errors.CorruptCheckpointError`, never another exception.
 
-A crash before 3 leaves an unreferenced directory, invisible to readers; a crash after 3
-leaves only garbage. Committed steps are never touched before a manifest that no longer
-lists them is published.
+Versions (the format is a promise): the manifest records ``version`` (major) and
+``minor``. A reader refuses a newer *major* version, with a message saying to upgrade; a
+newer minor version only adds optional fields, which older readers ignore. A change that
+an older reader would misread bumps the major version. Step records carry the ``naming``
+scheme version (how keys become Zarr names); readers never recompute names, they use the
+names and paths recorded, so every naming scheme stays readable.
 
-Backends without conditional writes (``memory://``, GCS through gcsfs, any other zarr
-store) assume one writer per root at a time: the manifest is replaced unconditionally and
-every unreferenced directory is debris.
+History: 1.0 (zarrckpt 0.1.0); 1.1 adds ``record_crc32c`` to step entries and ``naming`` to
+step records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._store import Storage
+import google_crc32c
+
 from .errors import CorruptCheckpointError
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_KEY", "Manifest", "StepInfo"]
+__all__ = [
+    "FORMAT_MINOR",
+    "FORMAT_VERSION",
+    "MANIFEST_KEY",
+    "Manifest",
+    "StepInfo",
+    "checksum",
+    "new_step_dir",
+    "parse_step_dir",
+    "parse_step_record",
+    "step_record_bytes",
+]
 
 MANIFEST_KEY = "zarr.json"
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^(?:\.tmp-)?step_(\d+)\.([0-9a-f]{12})[0-9a-f]+$")
+FORMAT_MINOR = 1
+_STEP_DIR = re.compile(r"^(\.tmp-)?step_(\d{10,20})\.([0-9a-f]{12})[0-9a-f]{8,32}$")
+
+
+def new_step_dir(step: int) -> str:
+    """A fresh directory name: ``step_<N:010d>.<ms since epoch, 12 hex><8 random hex>``."""
+    return f"step_{step:010d}.{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def parse_step_dir(name: str) -> tuple[int, float, bool] | None:
+    """``(step, creation time, is temporary)`` of a step directory name, or None."""
+    match = _STEP_DIR.match(name)
+    if match is None:
+        return None
+    return int(match.group(2)), int(match.group(3), 16) / 1000, bool(match.group(1))
+
+
+def checksum(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+def _int(value: Any, what: str, where: str, upper: int = 2**63) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
+        raise CorruptCheckpointError(
+            f"{where}: {what} must be an integer in [0, {upper}), got {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
 class StepInfo:
-    """One committed step: its number, directory, and totals."""
+    """One committed step: its number, directory, totals and record checksum."""
 
     step: int
     dir: str
     time: float
     leaves: int
     nbytes: int
+    record_crc32c: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> StepInfo:
+        if not isinstance(doc, dict):
+            raise CorruptCheckpointError(
+                f"{where}: a step entry must be an object, got {doc!r:.80}"
+            )
+        name = doc.get("dir")
+        parsed = parse_step_dir(name) if isinstance(name, str) else None
+        if parsed is None or parsed[2]:
+            raise CorruptCheckpointError(f"{where}: {name!r:.80} is not a step directory name")
+        when = doc.get("time")
+        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+            raise CorruptCheckpointError(f"{where}: step time must be a number, got {when!r:.80}")
+        crc = doc.get("record_crc32c")
+        return cls(
+            step=_int(doc.get("step"), "step", where),
+            dir=name,
+            time=float(when),
+            leaves=_int(doc.get("leaves"), "leaves", where),
+            nbytes=_int(doc.get("nbytes"), "nbytes", where),
+            record_crc32c=None if crc is None else _int(crc, "record_crc32c", where, 2**32),
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +133,10 @@ class Manifest:
     @property
     def latest(self) -> StepInfo | None:
         return self.steps[-1] if self.steps else None
+
+    @property
+    def dirs(self) -> set[str]:
+        return {s.dir for s in self.steps}
 
     def get(self, step: int) -> StepInfo | None:
         return next((s for s in self.steps if s.step == step), None)
@@ -100,10 +154,11 @@ class Manifest:
             "node_type": "group",
             "attributes": {
                 "zarrckpt": {
-                    "format": "zarrckpt",
-                    "version": self.version,
-                    "steps": [asdict(s) for s in self.steps],
                     **self.extra,
+                    "format": "zarrckpt",
+                    "version": FORMAT_VERSION,
+                    "minor": FORMAT_MINOR,
+                    "steps": [s.to_json() for s in self.steps],
                 }
             },
         }
@@ -113,68 +168,58 @@ class Manifest:
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             doc = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"{where}: the manifest is not valid JSON ({exc})"
             ) from exc
-        meta = doc.get("attributes", {}).get("zarrckpt") if isinstance(doc, dict) else None
+        attributes = doc.get("attributes") if isinstance(doc, dict) else None
+        meta = attributes.get("zarrckpt") if isinstance(attributes, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != "zarrckpt":
             raise CorruptCheckpointError(
                 f"{where} is not a zarrckpt checkpoint (its zarr.json has no zarrckpt manifest)"
             )
         version = meta.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise CorruptCheckpointError(f"{where}: malformed manifest version {version!r:.80}")
+        if version > FORMAT_VERSION:
             raise CorruptCheckpointError(
-                f"{where}: manifest format version {version!r} is newer than this zarrckpt "
+                f"{where}: manifest format version {version} is newer than this zarrckpt "
                 f"understands ({FORMAT_VERSION}); upgrade zarrckpt"
             )
-        try:
-            steps = tuple(StepInfo(**s) for s in meta["steps"])
-        except (KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({exc})") from exc
-        extra = {k: v for k, v in meta.items() if k not in ("format", "version", "steps")}
-        return cls(tuple(sorted(steps, key=lambda s: s.step)), version, extra)
+        raw = meta.get("steps")
+        if not isinstance(raw, list):
+            raise CorruptCheckpointError(f"{where}: malformed manifest (steps must be a list)")
+        steps = sorted((StepInfo.from_json(s, where) for s in raw), key=lambda s: s.step)
+        if len({s.step for s in steps}) != len(steps) or len({s.dir for s in steps}) != len(steps):
+            raise CorruptCheckpointError(f"{where}: malformed manifest (a step is listed twice)")
+        extra = {k: v for k, v in meta.items() if k not in ("format", "version", "minor", "steps")}
+        return cls(tuple(steps), version, extra)
 
 
-def new_step_dir(step: int) -> str:
-    return f"step_{step:010d}.{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+def step_record_bytes(step: int, tree: dict[str, Any], naming: int) -> bytes:
+    """The step group's ``zarr.json``: the tree record under ``attributes.zarrckpt``."""
+    meta = {"version": FORMAT_VERSION, "step": step, "naming": naming, "tree": tree}
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"zarrckpt": meta}}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
-async def read_manifest(storage: Storage) -> Manifest | None:
-    """The committed manifest, or None where no checkpoint was ever committed."""
-    manifest, _ = await read_manifest_versioned(storage)
-    return manifest
-
-
-async def read_manifest_versioned(storage: Storage) -> tuple[Manifest | None, Any]:
-    """The manifest and the version token a later :func:`commit` compares against."""
-    data, token = await storage.get_with_token(MANIFEST_KEY)
-    if data is None:
-        return None, None
-    return Manifest.from_bytes(data, storage.describe(MANIFEST_KEY)), token
-
-
-async def commit(storage: Storage, manifest: Manifest, token: Any) -> bool:
-    """Publish ``manifest`` if the committed one still has version ``token`` (step 3).
-
-    The step's data must already be durable. Returns False if another writer committed first.
-    """
-    return await storage.put_if_unchanged(MANIFEST_KEY, manifest.to_bytes(), token)
-
-
-async def collect_garbage(storage: Storage, old: Manifest, new: Manifest) -> list[str]:
-    """Step 4: delete dropped steps and debris; returns the deleted names."""
-    live = {s.dir for s in new.steps}
-    dropped = {s.dir for s in old.steps} - live
-    dead = []
-    for name in await storage.list_dir(""):
-        match = _STEP_DIR.match(name)
-        if match and name not in live:
-            created = int(match.group(2), 16) / 1000
-            if name in dropped or await storage.is_abandoned(name, created):
-                dead.append(name)
-        elif name.startswith(MANIFEST_KEY + ".") and name.endswith(".partial"):
-            dead.append(name)  # a crashed local commit's temporary manifest
-    for name in dead:
-        await storage.delete_dir(name)
-    return dead
+def parse_step_record(data: bytes, info: StepInfo, where: str) -> dict[str, Any]:
+    """The tree record of a step, after checking it against its manifest entry."""
+    if info.record_crc32c is not None and checksum(data) != info.record_crc32c:
+        raise CorruptCheckpointError(
+            f"{where}: crc32c checksum mismatch (the step record is damaged or was replaced)"
+        )
+    try:
+        meta = json.loads(data)["attributes"]["zarrckpt"]
+        tree = meta["tree"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: no zarrckpt tree record ({exc})") from exc
+    if not isinstance(tree, dict) or meta.get("step", info.step) != info.step:
+        raise CorruptCheckpointError(f"{where}: the step record does not describe step {info.step}")
+    version = meta.get("version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: step record version {version} is newer than this zarrckpt understands "
+            f"({FORMAT_VERSION}); upgrade zarrckpt"
+        )
+    return tree

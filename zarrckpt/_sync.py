@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["IO_THREADS", "batch_executor", "run"]
+__all__ = ["IO_THREADS", "batch_executor", "lower_priority", "run"]
 
 T = TypeVar("T")
 
@@ -37,7 +37,21 @@ _lock = threading.Lock()
 _batch_pool: ThreadPoolExecutor | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
-_pid: int | None = None
+
+
+def _forget_after_fork() -> None:
+    """In a forked child the parent's loop thread and pools do not exist: start afresh.
+
+    (The parent's objects are dropped, not shut down: their threads are gone, and a lock
+    held by one of them at fork time would never be released.)
+    """
+    global _lock, _batch_pool, _loop, _thread
+    _lock = threading.Lock()
+    _batch_pool = _loop = _thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def lower_priority() -> None:
@@ -53,9 +67,9 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _get_loop() -> asyncio.AbstractEventLoop:
-    global _loop, _thread, _pid
+    global _loop, _thread
     with _lock:
-        if _loop is None or _pid != os.getpid():  # (re)create after fork
+        if _loop is None:
             loop = asyncio.new_event_loop()
             loop.set_default_executor(
                 ThreadPoolExecutor(
@@ -68,7 +82,7 @@ def _get_loop() -> asyncio.AbstractEventLoop:
                 target=_run_loop, args=(loop,), name="zarrckpt-loop", daemon=True
             )
             thread.start()
-            _loop, _thread, _pid = loop, thread, os.getpid()
+            _loop, _thread = loop, thread
         return _loop
 
 
@@ -76,7 +90,7 @@ def batch_executor() -> ThreadPoolExecutor:
     """The pool for batches of small files (see ``BATCH_THREADS``)."""
     global _batch_pool
     with _lock:
-        if _batch_pool is None or _pid != os.getpid():
+        if _batch_pool is None:
             _batch_pool = ThreadPoolExecutor(
                 BATCH_THREADS, thread_name_prefix="zarrckpt-batch", initializer=lower_priority
             )
@@ -84,7 +98,14 @@ def batch_executor() -> ThreadPoolExecutor:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on zarrckpt's loop and block until it finishes."""
+    """Run ``coro`` on zarrckpt's loop and block until it finishes.
+
+    If the caller is interrupted (Ctrl-C) or otherwise leaves early, the coroutine is
+    cancelled and this waits until it has unwound, so that nothing it would have done
+    (such as publishing a manifest) happens after the caller saw the interrupt. Pending
+    I/O jobs are cancelled with it; a system call already running (one ``syncfs``, one
+    file write) finishes in its thread.
+    """
     loop = _get_loop()
     if threading.current_thread() is _thread:
         coro.close()
@@ -92,4 +113,28 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             "zarrckpt's blocking API was called from its own event loop thread; "
             "await the async core instead"
         )
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+    task: list[asyncio.Task[Any]] = []
+    interrupted = False
+
+    async def wrapper() -> T:
+        if interrupted:  # cancelled before it began
+            coro.close()
+            raise asyncio.CancelledError
+        task.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await coro
+
+    def cancel() -> None:  # on the loop thread, so it cannot race ``wrapper``'s start
+        nonlocal interrupted
+        interrupted = True
+        if task:
+            task[0].cancel()
+
+    future = asyncio.run_coroutine_threadsafe(wrapper(), loop)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            loop.call_soon_threadsafe(cancel)
+            with contextlib.suppress(BaseException):  # a second Ctrl-C abandons the wait
+                future.result()  # until the coroutine has unwound
+        raise

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from . import _repr, _tree
+from ._commit import read_manifest
 from ._engine import read_selections
 from ._format import ArrayLayout
 from ._indexing import normalize
-from ._manifest import read_manifest
+from ._read import Mismatch, OpenStep, check_alive, materialize, open_step, restore_into
 from ._sync import run
-from .api import Mismatch, _materialize, _open_step, _OpenStep, _restore_into
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint"]
@@ -34,7 +34,7 @@ def open_checkpoint(
     filename: Any, step: int | None = None, storage_options: dict[str, Any] | None = None
 ) -> Checkpoint:
     """Open a committed step (the latest by default) without reading array data."""
-    opened = _open_step(filename, step, storage_options)
+    opened = open_step(filename, step, storage_options)
     if opened is None:
         raise CheckpointNotFoundError(f"no checkpoint at {filename}")
     return Checkpoint(opened)
@@ -121,21 +121,10 @@ def _leaf_info(rec: dict[str, Any]) -> LeafInfo:
     )
 
 
-def _check_alive(opened: _OpenStep) -> None:
-    """Raise if the view's step is no longer committed (deleted by retention or overwrite)."""
-    manifest = run(read_manifest(opened.storage))
-    info = opened.info
-    if manifest is None or all(s.dir != info.dir for s in manifest.steps):
-        raise CheckpointNotFoundError(
-            f"step {info.step} of {opened.storage.url} has been deleted since this view "
-            "was opened (retention or overwrite); open the checkpoint again"
-        )
-
-
 class _View:
     """Shared by :class:`Checkpoint` and :class:`TreeView`: a sub-tree of one step."""
 
-    def __init__(self, opened: _OpenStep, record: dict[str, Any], path: str) -> None:
+    def __init__(self, opened: OpenStep, record: dict[str, Any], path: str) -> None:
         self._opened = opened
         self._record = record
         self.path = path
@@ -198,12 +187,12 @@ class _View:
         verbose: bool = False,
     ) -> Any:
         """Materialise the sub-tree at ``path`` (all of this view by default), like ``load_pytree``."""
-        _check_alive(self._opened)
+        check_alive(self._opened)
         record, canonical = _resolve(self._record, path) if path else (self._record, "")
         if target is None:
-            return _materialize(self._opened, record, parallel, verbose)
+            return materialize(self._opened, record, parallel, verbose)
         prefix = self._full(canonical)
-        return _restore_into(self._opened, record, target, mismatch, parallel, verbose, prefix)
+        return restore_into(self._opened, record, target, mismatch, parallel, verbose, prefix)
 
     def stats(self, path: str = "") -> dict[str, float]:
         """min/max/mean/std/nnz of a leaf, computed chunk by chunk (memory: a few chunks)."""
@@ -227,7 +216,7 @@ class _View:
 class Checkpoint(_View):
     """A lazy, read-only view of one committed step of a checkpoint."""
 
-    def __init__(self, opened: _OpenStep) -> None:
+    def __init__(self, opened: OpenStep) -> None:
         super().__init__(opened, opened.record, "")
 
     @property
@@ -272,7 +261,7 @@ class TreeView(_View):
 class LazyArray:
     """One leaf, read on demand: NumPy-style slicing fetches only the chunks it touches."""
 
-    def __init__(self, opened: _OpenStep, record: dict[str, Any], path: str) -> None:
+    def __init__(self, opened: OpenStep, record: dict[str, Any], path: str) -> None:
         self._opened = opened
         self._record = record
         self._layout = ArrayLayout.from_json(record)
@@ -300,7 +289,7 @@ class LazyArray:
             ]
         except CorruptCheckpointError as exc:
             if "is missing" in str(exc):
-                _check_alive(self._opened)  # a deleted step explains itself
+                check_alive(self._opened)  # a deleted step explains itself
             raise
 
     def __getitem__(self, selection: Any) -> Any:

@@ -10,9 +10,11 @@ from __future__ import annotations
 __all__ = [
     "AlreadyExistsError",
     "CheckpointNotFoundError",
+    "CollectionWarning",
     "ConcurrentWriteError",
     "CorruptCheckpointError",
     "MissingCheckpointWarning",
+    "SingleWriterWarning",
     "StoreError",
     "StructureMismatchError",
     "StructureMismatchWarning",
@@ -64,3 +66,11 @@ class MissingCheckpointWarning(ZarrCkptWarning):
 
 class StructureMismatchWarning(ZarrCkptWarning):
     """A mismatch tolerated because ``mismatch="warn"``."""
+
+
+class SingleWriterWarning(ZarrCkptWarning):
+    """The root's backend cannot publish conditionally: one writer at a time is assumed."""
+
+
+class CollectionWarning(ZarrCkptWarning):
+    """A step was committed, but deleting dropped steps or debris failed (retried later)."""

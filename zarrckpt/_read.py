@@ -1,0 +1,260 @@
+"""Reading committed steps: open one, materialise a sub-tree, restore into a target.
+
+Everything a reader does starts from the manifest: :func:`open_step` finds the step there,
+reads its record (one request), checks the record's checksum against the manifest entry
+and validates every leaf's layout before anything is allocated. Leaves larger than
+``CROSS_CHECK_BYTES`` are also checked against their own ``zarr.json`` before their memory
+is allocated, so a record that claims a huge array must at least agree with the array it
+names (the chunks themselves are verified by checksum as they arrive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from . import _leaves, _tree
+from ._commit import read_manifest
+from ._engine import read_leaves
+from ._format import ArrayLayout
+from ._manifest import Manifest, StepInfo, parse_step_record
+from ._repr import human
+from ._storage import Storage, open_storage
+from ._sync import run
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StructureMismatchError,
+    StructureMismatchWarning,
+    ZarrCkptWarning,
+)
+
+__all__ = [
+    "Mismatch",
+    "OpenStep",
+    "check_alive",
+    "layouts",
+    "materialize",
+    "open_step",
+    "progress_bar",
+    "read",
+    "restore_into",
+]
+
+Mismatch = Literal["error", "warn", "ignore"]
+
+#: Leaves above this size are checked against their own ``zarr.json`` before allocation.
+CROSS_CHECK_BYTES = 64 * 1024 * 1024
+
+
+@contextmanager
+def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar, shown only for operations that last more than a second."""
+    bar = tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+        delay=1.0, leave=False, disable=not enabled, file=sys.stderr,
+    )  # fmt: skip
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+@dataclass(frozen=True)
+class OpenStep:
+    """A committed step: its storage, manifest entry and tree record."""
+
+    storage: Storage
+    manifest: Manifest
+    info: StepInfo
+    record: dict[str, Any]
+
+    @property
+    def location(self) -> str:
+        return self.storage.describe(self.info.dir)
+
+
+def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
+    key = f"{info.dir}/zarr.json"
+    data = run(storage.get(key))
+    if data is None:
+        raise CorruptCheckpointError(
+            f"{storage.describe(key)} is missing: step {info.step} is listed in the manifest "
+            "but its data is gone"
+        )
+    return parse_step_record(data, info, storage.describe(key))
+
+
+def layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
+    """Leaf path -> validated layout, for leaf records of an open step."""
+    out = {}
+    for rec in records:
+        path = rec.get("path") if isinstance(rec, dict) else None
+        if not isinstance(path, str) or not path:
+            raise CorruptCheckpointError(f"malformed leaf record {rec!r:.120}")
+        out[path] = ArrayLayout.from_json(rec, f"leaf {path!r}")
+    return out
+
+
+def open_step(
+    filename: Any, step: int | None = None, storage_options: dict[str, Any] | None = None
+) -> OpenStep | None:
+    """The committed step (latest if None), or None if there is no checkpoint at all."""
+    storage = open_storage(filename, storage_options, read_only=True)
+    if storage.is_file():
+        raise CorruptCheckpointError(
+            f"{storage.url} is a file, not a zarrckpt checkpoint directory (a msgpack "
+            "checkpoint? read it with braintools.file.msgpack_load)"
+        )
+    manifest = run(read_manifest(storage))
+    if manifest is None or not manifest.steps:
+        if step is not None:
+            raise CheckpointNotFoundError(f"no checkpoint at {storage.url} (asked for step {step})")
+        return None
+    info = manifest.latest if step is None else manifest.get(step)
+    if info is None:
+        raise CheckpointNotFoundError(
+            f"step {step} is not committed at {storage.url}; committed steps: "
+            f"{manifest.step_numbers}"
+        )
+    record = _read_record(storage, info)
+    try:
+        layouts(list(_tree.iter_leaf_records(record)))
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+        where = storage.describe(f"{info.dir}/zarr.json")
+        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
+    return OpenStep(storage, manifest, info, record)
+
+
+def check_alive(opened: OpenStep) -> None:
+    """Raise if the step is no longer committed (deleted by retention or overwrite)."""
+    manifest = run(read_manifest(opened.storage))
+    info = opened.info
+    if manifest is None or info.dir not in manifest.dirs:
+        raise CheckpointNotFoundError(
+            f"step {info.step} of {opened.storage.url} has been deleted since this view "
+            "was opened (retention or overwrite); open the checkpoint again"
+        )
+
+
+async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
+    async def check(path: str, layout: ArrayLayout) -> None:
+        key = f"{opened.info.dir}/{path}/zarr.json"
+        where = f"leaf {path!r} ({opened.storage.describe(key)})"
+        data = await opened.storage.get(key)
+        if data is None:
+            raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{where}: zarr.json is not valid JSON ({exc})") from None
+        layout.check_zarr_json(doc, where)
+
+    large = [(p, lay) for p, lay in wanted.items() if lay.nbytes > CROSS_CHECK_BYTES]
+    await asyncio.gather(*(check(p, lay) for p, lay in large))
+
+
+def read(
+    opened: OpenStep, records: list[dict[str, Any]], parallel: bool, verbose: bool
+) -> dict[str, Any]:
+    """Whole leaves of an open step, path -> numpy array."""
+    wanted = layouts(records)
+    run(_cross_check(opened, wanted))
+    total = sum(layout.nbytes for layout in wanted.values())
+    start = time.perf_counter()
+    with progress_bar(total, f"load step {opened.info.step}", verbose) as progress:
+        arrays = run(read_leaves(opened.storage, opened.info.dir, wanted, progress, parallel))
+    if verbose:
+        print(
+            f"zarrckpt: loaded step {opened.info.step} ({len(wanted)} leaves, {human(total)}) "
+            f"from {opened.location} in {time.perf_counter() - start:.2f} s"
+        )
+    return arrays
+
+
+def _warn_missing_class(spec: str) -> None:
+    warnings.warn(
+        f"namedtuple class {spec} cannot be imported; returning its fields as a dict",
+        ZarrCkptWarning,
+        stacklevel=4,
+    )
+
+
+def materialize(opened: OpenStep, record: dict[str, Any], parallel: bool, verbose: bool) -> Any:
+    """The sub-tree ``record`` of an open step, as saved (arrays as numpy)."""
+    arrays = read(opened, list(_tree.iter_leaf_records(record)), parallel, verbose)
+    return _tree.unflatten(
+        record, lambda rec: _leaves.decode(rec, arrays[rec["path"]]), _warn_missing_class
+    )
+
+
+def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
+    """Why the saved leaf ``rec`` cannot restore ``value`` (None if it can)."""
+    kind = rec.get("kind")
+    if isinstance(value, (str, bytes)) or kind in ("str", "bytes"):
+        expected = (
+            "str" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "array"
+        )
+        found = kind if kind in ("str", "bytes") else "array"
+        return (
+            None if expected == found else f"{path}: target is {expected}, checkpoint has {found}"
+        )
+    described = _leaves.describe(value)
+    if described is None:
+        return f"{path}: target leaf of type {type(value).__name__} cannot be restored"
+    shape, dtype = described
+    layout = ArrayLayout.from_json(rec, f"leaf {path!r}")
+    if shape != layout.shape:
+        return f"{path}: shape {layout.shape} in the checkpoint, {shape} in the target"
+    if dtype != layout.dtype:
+        return f"{path}: dtype {layout.dtype} in the checkpoint, {dtype} in the target"
+    return None
+
+
+def restore_into(
+    opened: OpenStep, record: dict[str, Any], target: Any, mismatch: Mismatch, parallel: bool,
+    verbose: bool, prefix: str = "",
+) -> Any:  # fmt: skip
+    """Restore the sub-tree ``record`` (stored under ``prefix``) into ``target``'s structure."""
+    saved = {rec["path"][len(prefix) :].lstrip("/"): rec for rec in _tree.iter_leaf_records(record)}
+    _, flat, _ = _tree.flatten(target)
+    problems, wanted = [], {}
+    for path, value in flat:
+        rec = saved.get(path)
+        problem = (
+            f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
+        )
+        if problem:
+            problems.append(problem)
+        else:
+            wanted[path] = rec
+    target_paths = {path for path, _ in flat}
+    problems += [
+        f"{p}: in the checkpoint, not in the target" for p in saved if p not in target_paths
+    ]
+    if problems and mismatch != "ignore":
+        listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        message = (
+            f"{opened.location} does not match the target ({len(problems)} leaves):\n  {listing}"
+        )
+        if mismatch == "error":
+            raise StructureMismatchError(message)
+        warnings.warn(message, StructureMismatchWarning, stacklevel=3)
+    arrays = read(opened, list(wanted.values()), parallel, verbose)
+
+    def restore(path: str, value: Any) -> Any:
+        if path not in wanted:
+            return value  # mismatched or missing: the target keeps its value
+        rec = wanted[path]
+        return _leaves.restore(value, rec, arrays[rec["path"]])
+
+    return _tree.map_leaves(target, restore)

@@ -1,0 +1,147 @@
+"""The storage interface: the handful of async key/value operations a checkpoint needs.
+
+A backend says what it can do with capability flags instead of being special-cased by
+type (zarr-python's habit): the commit protocol (``zarrckpt._commit``) asks
+``conditional_writes`` and ``leases`` to decide how safe concurrent writers are, the engine
+asks ``zero_copy_writes``, ``reads_into`` and ``batches_small_io`` to pick its fast paths.
+Keys are ``/``-separated and relative to the checkpoint root; every backend refuses keys
+that would leave the root (:func:`check_key`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from ..errors import CorruptCheckpointError, StoreError, ZarrCkptError
+
+__all__ = ["Storage", "check_key"]
+
+
+def check_key(url: str, key: str) -> str:
+    """``key`` if it names something inside the root, else :class:`CorruptCheckpointError`.
+
+    Keys come from checkpoint data (the manifest's step directories, the record's leaf
+    paths), which may have been written by a stranger: an absolute path, a ``..`` or an
+    empty component must never reach a filesystem or a bucket.
+    """
+    if key and (
+        key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
+        raise CorruptCheckpointError(
+            f"{url}: refusing key {key!r}, which leaves the checkpoint root"
+        )
+    return key
+
+
+class Storage:
+    """Async operations on one checkpoint root; subclasses implement them per backend."""
+
+    url: str
+
+    # --- capabilities ----------------------------------------------------------------------
+    #: :meth:`sync` makes written data durable (local disks); elsewhere a completed write is
+    durable: bool = False
+    #: :meth:`put_if_unchanged` is enforced by the backend, across processes and machines;
+    #: without it the root supports one writer at a time (the commit warns once)
+    conditional_writes: bool = False
+    #: a step directory being written is recognisable as such (:meth:`lease_expired`), so
+    #: garbage collection never takes another writer's unfinished step for debris
+    leases: bool = False
+    #: :meth:`put` writes the given buffers without copying them
+    zero_copy_writes: bool = False
+    #: :meth:`read_into` exists (blocking, called from I/O threads)
+    reads_into: bool = False
+    #: small writes and reads should be grouped (:meth:`put_batch`, :meth:`get_batch`)
+    batches_small_io: bool = False
+    #: default chunk size: object stores get more, smaller requests in flight (and finer
+    #: lazy slices, where every byte crosses the network); local disks read fewer, larger
+    #: files faster (see ``_format.DEFAULT_CHUNK_BYTES``)
+    default_chunk_bytes: int = 16 * 1024 * 1024
+
+    def describe(self, key: str = "") -> str:
+        """A human-readable location for ``key`` (for messages)."""
+        return f"{self.url.rstrip('/')}/{key}" if key else self.url
+
+    @contextlib.asynccontextmanager
+    async def errors(self, op: str, key: str) -> AsyncIterator[None]:
+        """Backend failures become :class:`StoreError` naming the location."""
+        try:
+            yield
+        except ZarrCkptError:
+            raise
+        except Exception as exc:
+            raise StoreError(
+                f"{op} {self.describe(key)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # --- data ------------------------------------------------------------------------------
+    async def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or None if it does not exist."""
+        raise NotImplementedError
+
+    async def put(self, key: str, parts: Sequence[Any]) -> None:
+        """Write the concatenation of ``parts`` (buffers) under ``key``."""
+        raise NotImplementedError
+
+    async def put_atomic(self, key: str, data: bytes) -> None:
+        """Replace ``key`` so that readers see the old or the new value, never a mix."""
+        raise NotImplementedError
+
+    async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
+        """Write ``key -> make()`` for each item (``make`` encodes; called once)."""
+        for key, make in items:
+            await self.put(key, make())
+
+    async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
+        """Read each key and hand its bytes (None if missing) to the item's consumer."""
+        for key, consume in items:
+            consume(await self.get(key))
+
+    async def list_dir(self, prefix: str = "") -> list[str]:
+        """Names directly under ``prefix``, sorted."""
+        raise NotImplementedError
+
+    async def delete_dir(self, prefix: str) -> None:
+        """Delete everything under ``prefix``."""
+        raise NotImplementedError
+
+    async def sync(self) -> None:
+        """Make everything written so far durable (no-op where writes already are)."""
+
+    def is_file(self) -> bool:
+        """Whether the root is an existing non-directory (e.g. an old msgpack checkpoint)."""
+        return False
+
+    # --- commit support (see zarrckpt._commit) ---------------------------------------------
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        """The value and a version token for :meth:`put_if_unchanged`."""
+        data = await self.get(key)
+        return data, data
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        """Atomically replace ``key`` if it still has version ``token`` (None: absent).
+
+        Returns False, writing nothing, if another writer changed it. Backends without
+        conditional writes replace unconditionally (single-writer assumption).
+        """
+        await self.put_atomic(key, data)
+        return True
+
+    async def begin_step(self, step_dir: str) -> None:
+        """Take the writer's lease on ``step_dir`` (see :meth:`lease_expired`)."""
+
+    async def end_step(self, step_dir: str) -> None:
+        """Give up the lease: the writer of ``step_dir`` committed or gave up."""
+
+    async def lease_expired(self, step_dir: str, created: float) -> bool:
+        """Whether no live writer holds ``step_dir`` (``created``: the time in its name).
+
+        True for a finished step (its writer released the lease) and for a dead writer's
+        debris; False while a writer is at work. Without leases: always True.
+        """
+        return True

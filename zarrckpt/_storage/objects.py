@@ -1,0 +1,179 @@
+"""Any zarr v3 ``Store``: object stores through fsspec (``s3://``, ``gs://``, ...), memory.
+
+Object stores have no locks and no renames. A writer's lease on its step directory is an
+object, ``<step>/.zarrckpt-lease``, written before anything else of the step and refreshed
+by a heartbeat while the step is written; it holds the time until which the writer vouches
+for it (``ZARRCKPT_LEASE_TTL_S``, default 10 minutes, refreshed every quarter of that). A
+step directory whose lease is gone is finished; one whose lease has run out belonged to a
+writer that died (or stalled for longer than the TTL, which the README's Safety section
+asks users to avoid by keeping the TTL well above any pause of their process).
+
+Conditional publication of the manifest: S3 (``If-Match`` / ``If-None-Match``, see
+:class:`S3Storage`) and in-process stores (memory), where a compare-and-set under a lock is
+exact. Other backends (GCS through gcsfs, generic fsspec filesystems) replace the manifest
+unconditionally: one writer per root, and the commit warns once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.buffer import cpu, default_buffer_prototype
+from zarr.storage import FsspecStore
+
+from .base import Storage, check_key
+
+__all__ = ["S3Storage", "StoreStorage", "protocols"]
+
+_LEASE = ".zarrckpt-lease"
+
+
+def _lease_ttl() -> float:
+    return float(os.environ.get("ZARRCKPT_LEASE_TTL_S", "600"))
+
+
+def protocols(store: Store) -> set[str]:
+    """The fsspec protocols of a store's filesystem (``{"memory"}`` for zarr's MemoryStore)."""
+    if isinstance(store, FsspecStore):
+        fs = getattr(store.fs, "sync_fs", store.fs)  # AsyncFileSystemWrapper
+        proto = fs.protocol
+        return {proto} if isinstance(proto, str) else set(proto)
+    return {"memory"} if type(store).__name__ in ("MemoryStore", "GpuMemoryStore") else set()
+
+
+#: one lock per in-process root, so that two Storage objects on the same memory:// root
+#: (e.g. a background save and a foreground one) compare-and-set the manifest one at a time
+_LOCAL_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+class StoreStorage(Storage):
+    """Any zarr v3 ``Store`` (``FsspecStore`` for URLs, ``MemoryStore``, ...)."""
+
+    leases = True
+
+    def __init__(self, store: Store, url: str | None = None) -> None:
+        self.store = store
+        self.url = url or str(store)
+        self._in_process = "memory" in protocols(store)
+        self.conditional_writes = self._in_process
+        self._heartbeats: dict[str, asyncio.Task[None]] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        async with self.errors("reading", check_key(self.url, key)):
+            buf = await self.store.get(key, prototype=default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    async def put(self, key: str, parts: Sequence[Any]) -> None:
+        data = b"".join(memoryview(p).cast("B") for p in parts)
+        async with self.errors("writing", check_key(self.url, key)):
+            await self.store.set(key, cpu.Buffer.from_bytes(data))
+
+    async def put_atomic(self, key: str, data: bytes) -> None:
+        # A single PUT of one object is atomic on object stores and in memory.
+        await self.put(key, [data])
+
+    async def list_dir(self, prefix: str = "") -> list[str]:
+        async with self.errors("listing", check_key(self.url, prefix)):
+            return sorted([name async for name in self.store.list_dir(prefix)])
+
+    async def delete_dir(self, prefix: str) -> None:
+        async with self.errors("deleting", check_key(self.url, prefix)):
+            await self.store.delete_dir(prefix)
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        if not self._in_process:
+            return await super().put_if_unchanged(key, data, token)
+        lock = _LOCAL_LOCKS.setdefault(self.url, asyncio.Lock())
+        async with lock:
+            if await self.get(key) != token:
+                return False
+            await self.put_atomic(key, data)
+            return True
+
+    # --- leases ----------------------------------------------------------------------------
+
+    async def _write_lease(self, step_dir: str, writer: str) -> None:
+        doc = {"writer": writer, "expires": time.time() + _lease_ttl()}
+        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])
+
+    async def begin_step(self, step_dir: str) -> None:
+        writer = uuid.uuid4().hex
+        await self._write_lease(step_dir, writer)  # first: the directory never exists without it
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(_lease_ttl() / 4)
+                with contextlib.suppress(Exception):  # a missed beat is retried; the TTL covers it
+                    await self._write_lease(step_dir, writer)
+
+        self._heartbeats[step_dir] = asyncio.get_running_loop().create_task(heartbeat())
+
+    async def end_step(self, step_dir: str) -> None:
+        task = self._heartbeats.pop(step_dir, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        async with self.errors("deleting", step_dir):
+            await self.store.delete(f"{step_dir}/{_LEASE}")
+
+    async def lease_expired(self, step_dir: str, created: float) -> bool:
+        data = await self.get(f"{step_dir}/{_LEASE}")
+        if data is None:
+            return True  # finished: its writer committed or gave up
+        try:
+            expires = float(json.loads(data)["expires"])
+        except (ValueError, KeyError, TypeError):
+            return True  # not a lease any zarrckpt wrote
+        return time.time() > expires
+
+
+class S3Storage(StoreStorage):
+    """S3 through s3fs, with conditional PUTs (``If-Match`` / ``If-None-Match``) for the manifest."""
+
+    conditional_writes = True
+
+    def __init__(self, store: FsspecStore, url: str) -> None:
+        super().__init__(store, url)
+        self.conditional_writes = True
+
+    def _split(self, key: str) -> tuple[str, str]:
+        bucket, path, _ = self.store.fs.split_path(f"{self.store.path}/{key}")
+        return bucket, path
+
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        bucket, path = self._split(key)
+        async with self.errors("reading", key):
+            try:
+                response = await self.store.fs._call_s3("get_object", Bucket=bucket, Key=path)
+            except FileNotFoundError:
+                return None, None
+            async with response["Body"] as body:
+                data = await body.read()
+        return data, response["ETag"]
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        bucket, path = self._split(key)
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        async with self.errors("writing", key):
+            try:
+                await self.store.fs._call_s3(
+                    "put_object", Bucket=bucket, Key=path, Body=data, **condition
+                )
+            except (FileExistsError, OSError) as exc:
+                text = str(exc).lower().replace("-", "")  # "pre-conditions", "PreconditionFailed"
+                if (
+                    isinstance(exc, FileExistsError)
+                    or "precondition" in text
+                    or "conditionalrequestconflict" in text
+                ):
+                    return False
+                raise
+        return True

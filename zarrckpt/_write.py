@@ -1,0 +1,152 @@
+"""Saving: snapshot a tree into host arrays, pick the step, and hand it to the commit.
+
+What is decided here, synchronously in the caller's thread, is everything that depends on
+the committed state or on the caller's objects: the snapshot of the tree (numpy buffers
+are copied for background saves), the step number, the ``overwrite``/``keep`` checks.
+Writing and publishing follow the protocol of ``_commit``, in the foreground or on an
+:class:`~zarrckpt.AsyncManager`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from . import _leaves, _tree
+from ._commit import commit_step, read_manifest_versioned
+from ._engine import LeafData, write_step
+from ._format import ArrayLayout
+from ._manifest import Manifest, StepInfo, new_step_dir, step_record_bytes
+from ._read import progress_bar
+from ._repr import human
+from ._storage import open_storage
+from ._sync import run
+from .errors import AlreadyExistsError, CollectionWarning
+
+__all__ = ["DEFAULT_KEEP", "Plan", "plan", "save"]
+
+#: ``keep``'s default: the newest step with ``overwrite=True``, every step with ``overwrite=False``
+DEFAULT_KEEP: Any = "default"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A flattened, host-side snapshot of a tree, ready to write."""
+
+    record: dict[str, Any]
+    leaves: list[LeafData]
+    groups: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.layout.nbytes for leaf in self.leaves)
+
+
+def plan(target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None) -> Plan:
+    record, flat, groups = _tree.flatten(target)
+    by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
+    leaves = []
+    for path, value in flat:
+        array, kind = _leaves.encode(path, value, copy=copy)
+        layout = ArrayLayout.for_array(array, chunk_bytes, codec)
+        by_path[path].update(kind, **layout.to_json())
+        leaves.append(LeafData(path, array, layout, {}))
+    return Plan(record, leaves, groups)
+
+
+def _resolve_step(manifest: Manifest, step: int | None, overwrite: bool, where: str) -> int:
+    latest = manifest.latest
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+    if not overwrite and latest is not None and (step is None or latest.step >= step):
+        asked = "the next step" if step is None else f"step {step}"
+        raise AlreadyExistsError(
+            f"{where}: cannot save {asked} with overwrite=False: step {latest.step} is already "
+            "committed (pass overwrite=True to add or replace steps, or an explicit step "
+            f"above {latest.step})"
+        )
+    if step is None:
+        return 0 if latest is None else latest.step + 1
+    return step
+
+
+def _resolve_keep(keep: Any, overwrite: bool) -> int | None:
+    if keep is DEFAULT_KEEP:
+        return 1 if overwrite else None
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    return keep
+
+
+def save(
+    filename: Any,
+    target: Any,
+    *,
+    overwrite: bool,
+    async_manager: Any,
+    verbose: bool,
+    step: int | None,
+    keep: Any,
+    storage_options: dict[str, Any] | None,
+    chunk_bytes: int | None,
+    codec: str | None,
+) -> str:
+    """``save_pytree``'s implementation (see its docstring)."""
+    keep = _resolve_keep(keep, overwrite)
+    storage = open_storage(filename, storage_options)
+    if storage.is_file():
+        raise AlreadyExistsError(
+            f"{storage.url} is an existing file (an old single-file checkpoint?); "
+            "zarrckpt needs a directory path"
+        )
+    if async_manager is not None:
+        async_manager.wait_previous_save()  # overwrite/keep must see committed state
+    chunk_bytes = chunk_bytes or storage.default_chunk_bytes
+    snapshot = plan(target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec)
+    found, token = run(read_manifest_versioned(storage))
+    base = found or Manifest()
+    number = _resolve_step(base, step, overwrite, storage.url)
+    info = StepInfo(
+        number, new_step_dir(number), time.time(), len(snapshot.leaves), snapshot.nbytes
+    )
+    if not overwrite:
+        dropped = [s.step for s in base.steps if s not in base.with_step(info, keep).steps]
+        if dropped:
+            raise AlreadyExistsError(
+                f"{storage.url}: keep={keep} would delete committed step(s) {dropped}, which "
+                "overwrite=False protects; pass keep=None (keep all) or overwrite=True"
+            )
+    record = step_record_bytes(number, snapshot.record, getattr(_tree, "NAMING_VERSION", 1))
+    location = storage.describe(info.dir)
+
+    def task() -> None:
+        start = time.perf_counter()
+        show_bar = verbose and async_manager is None
+        with progress_bar(snapshot.nbytes, f"save step {number}", show_bar) as progress:
+
+            async def write() -> None:
+                await write_step(
+                    storage, info.dir, snapshot.leaves, snapshot.groups, record, progress
+                )
+
+            _, collect_error = run(commit_step(storage, base, token, info, keep, record, write))
+        if collect_error is not None:
+            warnings.warn(
+                f"{storage.url}: step {number} is committed, but deleting old steps failed "
+                f"({type(collect_error).__name__}: {collect_error}); the next save retries",
+                CollectionWarning,
+                stacklevel=3,
+            )
+        if verbose:
+            print(
+                f"zarrckpt: saved step {number} ({info.leaves} leaves, {human(info.nbytes)}) "
+                f"to {location} in {time.perf_counter() - start:.2f} s"
+            )
+
+    if async_manager is None:
+        task()
+    else:
+        async_manager.save_async(task)
+    return location
