@@ -171,8 +171,13 @@ async def write_step(
     record: bytes,
     progress: Callable[[int], None] = lambda n: None,
     max_requests: int = MAX_REQUESTS_IN_FLIGHT,
+    unchanged: frozenset[str] = frozenset(),
 ) -> None:
-    """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last."""
+    """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last.
+
+    ``unchanged``: metadata keys (relative to ``step_dir``) already there with the very bytes
+    this would write (a recycled directory): they are skipped.
+    """
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
 
     def prefixed(path: str) -> str:
@@ -218,7 +223,7 @@ async def write_step(
 
     def jobs() -> Iterable[Callable[[], Any]]:
         for path in group_paths:
-            if path:
+            if path and f"{path}/zarr.json" not in unchanged:
                 key, doc = f"{prefixed(path)}/zarr.json", _group_json()
                 job = (
                     batcher.add((key, lambda doc=doc: [doc]), 0)
@@ -231,8 +236,9 @@ async def write_step(
             layout = leaf.layout
             meta = _json_bytes(layout.zarr_json(leaf.attributes))
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
+            skip_meta = f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:
-                items = [(meta_key, lambda meta=meta: [meta])]
+                items = [] if skip_meta else [(meta_key, lambda meta=meta: [meta])]
                 if layout.nbytes:
                     items += [
                         (
@@ -246,7 +252,8 @@ async def write_step(
                     if job:
                         yield job
                 continue
-            yield put_json(meta_key, meta)
+            if not skip_meta:
+                yield put_json(meta_key, meta)
             if layout.nbytes:
                 for idx in layout.chunk_ids():
                     yield put_chunk(leaf, idx)

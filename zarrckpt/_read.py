@@ -42,6 +42,7 @@ __all__ = [
     "Mismatch",
     "OpenStep",
     "check_alive",
+    "fetch",
     "layouts",
     "materialize",
     "open_step",
@@ -135,15 +136,37 @@ def open_step(
     return OpenStep(storage, manifest, info, record)
 
 
+def _gone(opened: OpenStep) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"step {opened.info.step} of {opened.storage.url} has been deleted since this view "
+        "was opened (retention or overwrite); open the checkpoint again"
+    )
+
+
 def check_alive(opened: OpenStep) -> None:
     """Raise if the step is no longer committed (deleted by retention or overwrite)."""
     manifest = run(read_manifest(opened.storage))
-    info = opened.info
-    if manifest is None or info.dir not in manifest.dirs:
-        raise CheckpointNotFoundError(
-            f"step {info.step} of {opened.storage.url} has been deleted since this view "
-            "was opened (retention or overwrite); open the checkpoint again"
-        )
+    if manifest is None or opened.info.dir not in manifest.dirs:
+        raise _gone(opened)
+
+
+def fetch(opened: OpenStep, coro: Any) -> Any:
+    """Run a read of the step's data, then confirm the step still exists under its name.
+
+    A local step that retention dropped is renamed (to be recycled) before any of its files
+    is rewritten, so data read before the confirmation is the step's own; a damaged or
+    missing chunk of a step that has gone is reported as the step having gone.
+    """
+    try:
+        out = run(coro)
+    except CorruptCheckpointError:
+        if not run(opened.storage.step_exists(opened.info.dir)):
+            raise _gone(opened) from None
+        check_alive(opened)  # a deleted step (object stores) explains itself
+        raise
+    if not run(opened.storage.step_exists(opened.info.dir)):
+        raise _gone(opened)
+    return out
 
 
 async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
@@ -172,7 +195,9 @@ def read(
     total = sum(layout.nbytes for layout in wanted.values())
     start = time.perf_counter()
     with progress_bar(total, f"load step {opened.info.step}", verbose) as progress:
-        arrays = run(read_leaves(opened.storage, opened.info.dir, wanted, progress, parallel))
+        arrays = fetch(
+            opened, read_leaves(opened.storage, opened.info.dir, wanted, progress, parallel)
+        )
     if verbose:
         print(
             f"zarrckpt: loaded step {opened.info.step} ({len(wanted)} leaves, {human(total)}) "

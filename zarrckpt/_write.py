@@ -9,6 +9,7 @@ Writing and publishing follow the protocol of ``_commit``, in the foreground or 
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,35 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(leaf.layout.nbytes for leaf in self.leaves)
+
+    def keys(self) -> set[str]:
+        """Every file of the step, relative to its directory."""
+        keys = {f"{g}/zarr.json" if g else "zarr.json" for g in self.groups}
+        for leaf in self.leaves:
+            keys.add(f"{leaf.path}/zarr.json")
+            if leaf.layout.nbytes:
+                keys.update(
+                    f"{leaf.path}/{leaf.layout.chunk_key(i)}" for i in leaf.layout.chunk_ids()
+                )
+        return keys
+
+    def unchanged_metadata(self, old_record: bytes) -> frozenset[str]:
+        """Metadata keys whose bytes a recycled step (``old_record``, this process's own
+        earlier step, so written by this very code) already holds: same group, or same leaf
+        layout. Anything unreadable counts as changed."""
+        try:
+            old = json.loads(old_record)["attributes"]["zarrckpt"]["tree"]
+            layouts = {r["path"]: ArrayLayout.from_json(r) for r in _tree.iter_leaf_records(old)}
+        except Exception:
+            return frozenset()
+        groups = {path[:i] for path in layouts for i, ch in enumerate(path) if ch == "/"}
+        same = {f"{g}/zarr.json" for g in self.groups if g and g in groups}
+        same |= {
+            f"{leaf.path}/zarr.json"
+            for leaf in self.leaves
+            if layouts.get(leaf.path) == leaf.layout
+        }
+        return frozenset(same)
 
 
 def plan(target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None) -> Plan:
@@ -92,6 +122,7 @@ def save(
     storage_options: dict[str, Any] | None,
     chunk_bytes: int | None,
     codec: str | None,
+    recycle: bool = True,
 ) -> str:
     """``save_pytree``'s implementation (see its docstring)."""
     keep = _resolve_keep(keep, overwrite)
@@ -126,12 +157,19 @@ def save(
         show_bar = verbose and async_manager is None
         with progress_bar(snapshot.nbytes, f"save step {number}", show_bar) as progress:
 
-            async def write() -> None:
+            async def write(old_record: bytes | None) -> None:
+                unchanged: frozenset[str] = frozenset()
+                if old_record is not None:  # a recycled directory: same names, rewritten
+                    await storage.trim(info.dir, snapshot.keys())
+                    unchanged = snapshot.unchanged_metadata(old_record)
                 await write_step(
-                    storage, info.dir, snapshot.leaves, snapshot.groups, record, progress
-                )
+                    storage, info.dir, snapshot.leaves, snapshot.groups, record, progress,
+                    unchanged=unchanged,
+                )  # fmt: skip
 
-            _, collect_error = run(commit_step(storage, base, token, info, keep, record, write))
+            _, collect_error = run(
+                commit_step(storage, base, token, info, keep, record, write, recycle)
+            )
         if collect_error is not None:
             warnings.warn(
                 f"{storage.url}: step {number} is committed, but deleting old steps failed "

@@ -23,9 +23,9 @@ from ._commit import read_manifest
 from ._engine import read_selections
 from ._format import ArrayLayout
 from ._indexing import normalize
-from ._read import Mismatch, OpenStep, check_alive, materialize, open_step, restore_into
+from ._read import Mismatch, OpenStep, check_alive, fetch, materialize, open_step, restore_into
 from ._sync import run
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError
 
 __all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint"]
 
@@ -283,14 +283,8 @@ class LazyArray:
     def _read(self, selection: Any) -> np.ndarray:
         sel = normalize(selection, self.shape)
         request = {self._record["path"]: (self._layout, sel)}
-        try:
-            return run(read_selections(self._opened.storage, self._opened.info.dir, request))[
-                self._record["path"]
-            ]
-        except CorruptCheckpointError as exc:
-            if "is missing" in str(exc):
-                check_alive(self._opened)  # a deleted step explains itself
-            raise
+        read = read_selections(self._opened.storage, self._opened.info.dir, request)
+        return fetch(self._opened, read)[self._record["path"]]
 
     def __getitem__(self, selection: Any) -> Any:
         return self._read(selection)

@@ -58,6 +58,9 @@ class Storage:
     reads_into: bool = False
     #: small writes and reads should be grouped (:meth:`put_batch`, :meth:`get_batch`)
     batches_small_io: bool = False
+    #: dropped step directories are kept as spares and rewritten in place by the next save
+    #: (see ``LocalStorage``): no inodes created or freed in a save loop
+    recycles: bool = False
     #: default chunk size: object stores get more, smaller requests in flight (and finer
     #: lazy slices, where every byte crosses the network); local disks read fewer, larger
     #: files faster (see ``_format.DEFAULT_CHUNK_BYTES``)
@@ -132,8 +135,27 @@ class Storage:
         await self.put_atomic(key, data)
         return True
 
-    async def begin_step(self, step_dir: str) -> None:
-        """Take the writer's lease on ``step_dir`` (see :meth:`lease_expired`)."""
+    async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
+        """Take the writer's lease on a new ``step_dir`` (see :meth:`lease_expired`).
+
+        With ``recycle`` (and :attr:`recycles`), ``step_dir`` may be a spare renamed into
+        place: then the spare's old step record is returned, else None.
+        """
+        return None
+
+    async def make_spare(self, step_dir: str) -> bool:
+        """Keep a dropped (no longer listed) step directory as a spare; False: delete it."""
+        return False
+
+    async def drop_spares(self) -> None:
+        """Give up this process's spares on this root (deleting them)."""
+
+    async def trim(self, step_dir: str, keep: set[str]) -> None:
+        """Delete every file under a recycled ``step_dir`` whose key is not in ``keep``."""
+
+    async def step_exists(self, step_dir: str) -> bool:
+        """Whether ``step_dir`` still exists under its name (readers confirm after reading)."""
+        return True
 
     async def end_step(self, step_dir: str) -> None:
         """Give up the lease: the writer of ``step_dir`` committed or gave up."""

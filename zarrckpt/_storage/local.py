@@ -10,6 +10,18 @@ a lock on its ``.zarrckpt-writing`` file, which the kernel releases if the write
 Where ``flock`` is missing (Windows) or refused (some NFS/Lustre mounts), the root falls
 back to one writer at a time, and the commit says so once with a warning.
 
+**Recycling.** In a save loop (the tutorial's: save every epoch, keep the latest), creating
+and deleting thousands of inodes per save costs several times the data itself (on ext4
+without a journal each create after mass deletion searches past recently freed inodes:
+io-floors.md). So the step directory a commit drops becomes this process's *spare*
+(``.spare-<name>``, at most one per root), and the next save renames it into place and
+rewrites its files in place: in the steady state no inode is created or freed. A spare
+holds an ``flock`` lease of its owning process, so only that process ever rewrites it
+(never a ``.spare-`` planted in a downloaded checkpoint); once the process is gone, the
+spare is debris like any other. Readers follow only the manifest, and confirm after
+reading that their step directory still exists under its name, so a recycled step is
+never read silently (:meth:`LocalStorage.step_exists`).
+
 Reads never leave the root: keys are checked (:func:`~.base.check_key`) and every opened
 file's real path is compared with the root's, so a symbolic link planted in a downloaded
 checkpoint cannot make zarrckpt read ``/etc/passwd``.
@@ -44,6 +56,7 @@ __all__ = ["LocalStorage"]
 
 _LEASE = ".zarrckpt-writing"
 _LOCK = ".zarrckpt.lock"
+_SPARE = ".spare-"
 #: errors of a filesystem that has no working flock (NFS without lockd, some Lustre mounts)
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -92,6 +105,21 @@ def _syncfs(path: Path) -> None:
 
 
 _PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
+
+#: This process's spare per root (real path): (directory name, fd holding its lease).
+_spares: dict[str, tuple[str, int]] = {}
+
+
+def _forget_spares_after_fork() -> None:
+    _spares.clear()  # the parent's spares stay the parent's (their locks are shared)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spares_after_fork)
+
+
+def _recycling_enabled() -> bool:
+    return os.environ.get("ZARRCKPT_RECYCLE", "1") != "0"
 
 
 class LocalStorage(Storage):
@@ -295,20 +323,108 @@ class LocalStorage(Storage):
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
         return await self._run("committing", key, self._put_if_unchanged, key, data, token)
 
-    def _begin_step(self, step_dir: str) -> None:
+    def _real(self) -> str:
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root) + os.sep
+        return self._real_root
+
+    def _take_spare(self, tmp: str) -> tuple[int, bytes] | None:
+        """Rename this process's spare to ``tmp``: (its lease fd, its old step record)."""
+        found = _spares.pop(self._real(), None)
+        if found is None:
+            return None
+        name, fd = found
+        try:
+            os.rename(self._path(name), tmp)
+            with open(os.path.join(tmp, "zarr.json"), "rb") as f:
+                return fd, f.read()
+        except OSError:  # gone or damaged: start afresh
+            os.close(fd)
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            return None
+
+    def _begin_step(self, step_dir: str, recycle: bool) -> bytes | None:
         # The directory appears (by rename) with its lease already locked, so a step
         # directory without a lease file is always a finished one.
         tmp = self._path(f".tmp-{step_dir}")
-        os.makedirs(tmp)
-        fd = os.open(os.path.join(tmp, _LEASE), os.O_RDWR | os.O_CREAT, 0o644)
-        if self._flock(fd, fcntl.LOCK_EX if fcntl else 0):
-            self._leases[step_dir] = fd
+        spare = self._take_spare(tmp) if recycle and self.recycles else None
+        if spare is not None:
+            fd, old_record = spare
+            self._leases[step_dir] = fd  # the spare's lease file is the step's lease now
         else:
-            os.close(fd)
+            if not recycle:
+                self._drop_spares()
+            old_record = None
+            os.makedirs(tmp)
+            fd = os.open(os.path.join(tmp, _LEASE), os.O_RDWR | os.O_CREAT, 0o644)
+            if self._flock(fd, fcntl.LOCK_EX if fcntl else 0):
+                self._leases[step_dir] = fd
+            else:
+                os.close(fd)
         os.rename(tmp, self._path(step_dir))
+        return old_record
 
-    async def begin_step(self, step_dir: str) -> None:
-        await self._run("writing", step_dir, self._begin_step, step_dir)
+    async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
+        return await self._run("writing", step_dir, self._begin_step, step_dir, recycle)
+
+    @property
+    def recycles(self) -> bool:  # type: ignore[override]
+        return self.leases and _recycling_enabled()
+
+    def _make_spare(self, step_dir: str) -> bool:
+        if not self.recycles or self._real() in _spares:
+            return False
+        path = self._path(step_dir)
+        if os.path.islink(path) or not os.path.isdir(path):
+            return False
+        fd = os.open(os.path.join(path, _LEASE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            locked = self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # someone holds it: not a finished step after all
+            locked = False
+        if not locked:
+            os.close(fd)
+            return False
+        name = _SPARE + step_dir
+        try:
+            os.rename(path, self._path(name))
+        except OSError:
+            os.close(fd)
+            return False
+        _spares[self._real()] = (name, fd)
+        return True
+
+    async def make_spare(self, step_dir: str) -> bool:
+        return await self._run("recycling", step_dir, self._make_spare, step_dir)
+
+    def _drop_spares(self) -> None:
+        found = _spares.pop(self._real(), None)
+        if found is not None:
+            name, fd = found
+            self._delete_dir(name)
+            os.close(fd)
+
+    async def drop_spares(self) -> None:
+        await self._run("deleting", "", self._drop_spares)
+
+    def _trim(self, step_dir: str, keep: set[str]) -> None:
+        top = self._path(step_dir)
+        keep = {os.path.join(top, key) for key in keep} | {os.path.join(top, _LEASE)}
+        for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if path not in keep:
+                    os.unlink(path)
+            for name in dirnames:
+                with contextlib.suppress(OSError):  # not empty: still used
+                    os.rmdir(os.path.join(dirpath, name))
+
+    async def trim(self, step_dir: str, keep: set[str]) -> None:
+        await self._run("recycling", step_dir, self._trim, step_dir, keep)
+
+    async def step_exists(self, step_dir: str) -> bool:
+        return os.path.isdir(self._path(step_dir))
 
     def _end_step(self, step_dir: str) -> None:
         fd = self._leases.pop(step_dir, None)

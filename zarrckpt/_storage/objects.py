@@ -104,7 +104,7 @@ class StoreStorage(Storage):
         doc = {"writer": writer, "expires": time.time() + _lease_ttl()}
         await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])
 
-    async def begin_step(self, step_dir: str) -> None:
+    async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         writer = uuid.uuid4().hex
         await self._write_lease(step_dir, writer)  # first: the directory never exists without it
 
@@ -115,6 +115,7 @@ class StoreStorage(Storage):
                     await self._write_lease(step_dir, writer)
 
         self._heartbeats[step_dir] = asyncio.get_running_loop().create_task(heartbeat())
+        return None  # object stores do not recycle: rewriting an object costs what a new one does
 
     async def end_step(self, step_dir: str) -> None:
         task = self._heartbeats.pop(step_dir, None)
