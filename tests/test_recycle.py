@@ -42,7 +42,7 @@ def test_a_save_loop_recycles_one_spare_and_creates_no_inodes(tmp_path):
     spares = [d for d in _dirs(root) if d.startswith(".spare-")]
     assert len(spares) == 1 and len([d for d in _dirs(root) if d.startswith("step_")]) == 1
     spare_inode = _inode(root / spares[0] / "w" / "c.0")
-    for i in range(3):
+    for _ in range(3):
         state["w"] = state["w"] + 1
         zarrckpt.save_pytree(str(root), state, verbose=False)
         assert len([d for d in _dirs(root) if d.startswith(".spare-")]) == 1
@@ -76,8 +76,6 @@ def test_structure_changes_between_recycled_saves_leave_no_stale_files(tmp_path)
             assert parent in nodes, f"stale file {f} in the recycled step"
             if not f.endswith("zarr.json"):
                 assert isinstance(group[parent], zarr.Array), f
-        for path, array in group.arrays():
-            del path, array
         assert (
             zarr.open_array(str(step_dir / "keep"), mode="r")[...].tobytes().decode()
             == tree["keep"]
