@@ -1,7 +1,25 @@
 """zarrckpt against the tools a BrainPy user could pick instead, on local disk.
 
-    python benchmarks/bench_local.py                 # 1 GiB state, 3 repeats
+    python benchmarks/bench_local.py --scenario loop   # the tutorial's loop (the headline)
+    python benchmarks/bench_local.py                   # fresh directories: save, cold load, leaf
     python benchmarks/bench_local.py --gib 4 --systems raw zarrckpt --repeats 1
+
+**Loop** (``--scenario loop``): what BrainPy users do, the way they do it: save every epoch
+into the same place with each system's defaults for keeping one checkpoint, ``--saves``
+times (default 8). Each system runs in its own long-lived process (the training process),
+writing its own root; the parent alternates the systems save by save, so disk noise hits
+all of them alike. Reported: every save's time and the median of saves 2..N (the steady
+state: everything the product deletes, recycles or leaves for the next save is paid
+there). ``zarrckpt-async`` saves with an ``AsyncManager`` and a simulated epoch of
+``--epoch-s`` seconds between saves: the time the caller is blocked, and whether a save
+was still running when the next one was asked for. Systems:
+
+* raw: overwrite one file with all bytes (``O_TRUNC``) + ``fsync``;
+* safetensors: ``save_file`` over the previous file + ``syncfs``;
+* orbax: ``CheckpointManager(max_to_keep=1)``, ``save`` + ``wait_until_finished`` + ``syncfs``;
+* msgpack: ``braintools.file.msgpack_save`` (what ``bp.checkpoints`` calls) over the
+  previous file + ``syncfs``;
+* zarrckpt: ``save_pytree(root, state)`` with the defaults (it flushes by itself).
 
 The state mimics an SNN: four float32 weight matrices (normal noise) holding ~94% of the
 bytes, plus 2,000 small per-neuron leaves of 4-64 KiB (float32 potentials, bool spikes
@@ -18,8 +36,10 @@ ratios to the raw disk figures:
 * leaf: read one small leaf (cold) from the checkpoint, where the format allows it;
 * extra RSS: peak resident memory above what the state itself needs.
 
-Saves always go to fresh directories, and everything is deleted at the end only: on this
-disk, creating files right after deleting many costs ~10x more (see io-floors.md).
+**Fresh directories** (the default scenario): saves go to fresh directories and everything
+is deleted at the end only, so these figures leave out the cost of deleting old
+checkpoints (on this disk, creating files right after deleting many costs ~10x more, see
+io-floors.md): the loop scenario is the one that includes it.
 """
 
 from __future__ import annotations
@@ -298,21 +318,172 @@ def target_path(root: str, system: str, rep: int) -> str:
     return os.path.join(root, name)
 
 
+# --- the loop scenario -----------------------------------------------------------------------
+
+LOOP_SYSTEMS = ["raw", "safetensors", "orbax", "msgpack", "zarrckpt", "zarrckpt-async"]
+
+
+class LoopSaver:
+    """One system's way of keeping the latest checkpoint in one place, in one process."""
+
+    def __init__(self, system: str, root: str, epoch_s: float) -> None:
+        self.system, self.root, self.epoch_s = system, root, epoch_s
+        os.makedirs(root, exist_ok=True)
+        self.file = os.path.join(root, "state.bin")
+        self.manager = None
+        if system == "orbax":
+            import orbax.checkpoint as ocp
+
+            options = ocp.CheckpointManagerOptions(max_to_keep=1)
+            self.manager = ocp.CheckpointManager(os.path.join(root, "orbax"), options=options)
+        elif system == "zarrckpt-async":
+            import zarrckpt
+
+            self.manager = zarrckpt.AsyncManager()
+        self.pending_since: float | None = None
+
+    def save(self, step: int, state: dict) -> dict:
+        start = time.perf_counter()
+        extra: dict = {}
+        if self.system == "raw":
+            save("raw", state, self.file)
+        elif self.system == "safetensors":
+            from safetensors.numpy import save_file
+
+            save_file(flat(state), self.file)
+            syncfs(self.root)
+        elif self.system == "orbax":
+            import orbax.checkpoint as ocp
+
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+            self.manager.wait_until_finished()
+            syncfs(self.root)
+        elif self.system == "msgpack":
+            import braintools
+
+            braintools.file.msgpack_save(self.file, state, overwrite=True, verbose=False)
+            syncfs(self.root)
+        elif self.system == "zarrckpt":
+            import zarrckpt
+
+            zarrckpt.save_pytree(os.path.join(self.root, "ckpt"), state, verbose=False)
+        elif self.system == "zarrckpt-async":
+            import zarrckpt
+
+            future = getattr(self.manager, "_future", None)
+            extra["queued"] = bool(future is not None and not future.done())
+            zarrckpt.save_pytree(
+                os.path.join(self.root, "ckpt"), state, async_manager=self.manager, verbose=False
+            )
+        seconds = time.perf_counter() - start
+        if self.system == "zarrckpt-async":
+            time.sleep(self.epoch_s)  # the next epoch's training, while the save runs
+        return {"seconds": seconds, **extra}
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+
+
+def loop_worker(args: argparse.Namespace) -> None:
+    """Serve ``save N`` lines on stdin for one system; print one JSON line per save."""
+    warm_imports(args.system.split("-")[0])
+    if args.system == "orbax":
+        warm_imports("orbax")
+    state = build_state(args.gib)
+    saver = LoopSaver(args.system, args.path, args.epoch_s)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.startswith("save"):
+            break
+        step = int(line.split()[1])
+        state["step"] = step
+        for array in state["net"]["weights"].values():
+            array[step % array.shape[0]] += 1.0  # every save writes changed data
+        print(json.dumps(saver.save(step, state)), flush=True)
+    saver.close()
+
+
+def run_loop(args: argparse.Namespace) -> None:
+    root = tempfile.mkdtemp(prefix="zarrckpt-loop-", dir=args.dir or os.getcwd())
+    procs = {}
+    try:
+        for system in args.systems:
+            cmd = [sys.executable, __file__, "--loop-worker", "--system", system, "--path",
+                   os.path.join(root, system), "--gib", str(args.gib), "--epoch-s", str(args.epoch_s)]  # fmt: skip
+            procs[system] = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            )  # fmt: skip
+        for system, proc in procs.items():
+            assert json.loads(proc.stdout.readline()).get("ready"), system
+        results: dict[str, list[dict]] = {s: [] for s in args.systems}
+        for step in range(args.saves):
+            for system, proc in procs.items():  # alternate, save by save
+                proc.stdin.write(f"save {step}\n")
+                proc.stdin.flush()
+                result = json.loads(proc.stdout.readline())
+                results[system].append(result)
+                print(f"# save {step} {system:15s} {result['seconds']:.3f} s", file=sys.stderr)
+        for proc in procs.values():
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait(600)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        if not args.keep_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    report_loop(results, args)
+
+
+def report_loop(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    steady = {s: statistics.median(r["seconds"] for r in rs[1:]) for s, rs in results.items()}
+    raw = steady.get("raw")
+    where = args.dir or "the current directory's disk"
+    print(f"\nLoop: {args.saves} saves into one root per system with default arguments, "
+          f"{args.gib} GiB state (4 matrices + 2,001 small leaves), on {where}; "
+          "median of saves 2..N; systems alternate save by save.\n")  # fmt: skip
+    print("| system | s per save (median 2..N) | / raw | every save, s |")
+    print("|---|---|---|---|")
+    for system, rs in results.items():
+        ratio = f"{steady[system] / raw:.2f}x" if raw else "-"
+        every = " ".join(f"{r['seconds']:.2f}" for r in rs)
+        name = system
+        if system == "zarrckpt-async":
+            queued = sum(r.get("queued", False) for r in rs[1:])
+            name = (f"zarrckpt + AsyncManager (caller blocked; {args.epoch_s:g} s epochs, "
+                    f"{queued}/{len(rs) - 1} saves found the previous one still running)")  # fmt: skip
+        print(f"| {name} | {steady[system]:.2f} | {ratio} | {every} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS + LOOP_SYSTEMS[-1:])
     parser.add_argument(
         "--dir", default=None, help="where checkpoints go (default: a temp dir under the cwd)"
     )
+    parser.add_argument("--scenario", choices=["fresh", "loop"], default="fresh")
+    parser.add_argument("--saves", type=int, default=8, help="loop: saves per system")
+    parser.add_argument("--epoch-s", type=float, default=3.0, help="loop: seconds between async saves")
+    parser.add_argument("--keep-dir", action="store_true", help="loop: keep the checkpoints")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loop-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.loop_worker:
+        return loop_worker(args)
+    if args.scenario == "loop":
+        args.systems = args.systems or LOOP_SYSTEMS
+        return run_loop(args)
+    args.systems = args.systems or SYSTEMS
 
     root = tempfile.mkdtemp(prefix="zarrckpt-bench-", dir=args.dir or os.getcwd())
     results: dict[str, dict[str, list[float]]] = {s: {} for s in args.systems}
