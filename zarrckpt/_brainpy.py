@@ -21,7 +21,10 @@ dotted name:
   attribute (``V``), ``VarList`` position (``d/0``), ``VarDict`` key, implicit key.
 - brainstate: the tuple paths of ``module.states()``, one element per component
   (``("layers", 0, "weight")`` -> ``layers/0/weight``); a state holding a dict (a
-  ``ParamState`` of ``Linear``) is stored as a group of its entries.
+  ``ParamState`` of ``Linear``) is stored as a group of its entries. brainstate keeps a
+  state reached twice at its first path in its own (sorted) order: a population ``N``
+  that projection ``E`` also holds as ``E.post`` is stored under ``E/post``.
+  Unreadable components (``_before_updates`` keys) are named as below.
 
 Registry entries. Dict keys are kept when they are readable and stable, i.e. made of
 ``A-Z a-z 0-9 _ . - +`` (64 characters at most) and not a node's global name. Other keys
@@ -48,21 +51,25 @@ Keys in :class:`StateLoadResult` and in errors are the path components joined by
 (``l2.V``, ``N._before_updates.E.syn.g``, ``layers.0.weight``); with ``/`` instead they
 address the checkpoint (``open_checkpoint(path)["l2/V"]``).
 
-Loading validates first, then reads, then assigns: every variable's shape and dtype
-(and, for nodes with a ``__load_state__`` hook, the shapes of the entries that their
-``__save_state__`` also produces) is checked against the checkpoint's record before any
-array is read; all mismatches are raised together as one :class:`StructureMismatchError`,
-and the module is unchanged. Missing and unexpected keys are reported, not raised.
+Loading validates first, then reads, then assigns: every variable's (state's) structure,
+shape and dtype, and for nodes with a ``__load_state__`` hook the shape and dtype of each
+array entry that their ``__save_state__`` also produces, are checked against the
+checkpoint's record before any array is read; all mismatches are raised together as one
+:class:`StructureMismatchError` and the module is unchanged. Then the matching arrays are
+read in one batch (hook entries after them), and only then assigned. Missing and
+unexpected keys are reported, not raised.
 
-``only=`` restores one sub-module: its relative path as ``"l2/sub"``, ``"l2.sub"``, a
-tuple of components (``("layers", 0)``) or, for BrainPy, its name in
-``module.nodes(method="relative")``; only that sub-tree of the checkpoint is read.
+``only=`` restores one sub-module: its path as ``"l2/sub"``, ``"l2.sub"``, a tuple of
+components (``("layers", 0)``), for BrainPy its name in ``module.nodes(method="relative")``,
+or any attribute path that reaches the node (``only="N"`` for a brainstate population
+stored under ``E/post``). Only that sub-tree of the checkpoint is read, and missing and
+unexpected keys are reported within it.
 
 BrainPy nodes that override ``__save_state__`` / ``__load_state__`` are honoured: the
 dict is stored under the node's path and handed back (as saved: numpy arrays, Python
 scalars) to ``__load_state__``, which may return ``(missing, unexpected)``. brainstate
-0.5.4 has no such per-module hooks (only ``nn.assign_state_values``, which neither checks
-shapes nor reports dtypes), so brainstate states are assigned directly.
+0.5.4 has no per-module state-dict hooks (``nn.assign_state_values`` assigns as it goes,
+without checking shapes first), so brainstate states are assigned here, after validation.
 """
 
 from __future__ import annotations
@@ -496,13 +503,17 @@ def _lookup(tree: Any, path: Path) -> Any:
     return tree
 
 
-def _flat(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
-    """A value (or a checkpoint record) as ``{relative path: leaf}`` over the core's containers."""
+def _flat(tree: Any, prefix: Path = (), *, saved: bool = False) -> dict[Path, Any]:
+    """A value as ``{relative path: leaf}`` over the core's containers (dict, list, tuple,
+    namedtuple). With ``saved``, ``tree`` is ``Checkpoint.tree()`` output: every container
+    there is a dict, and anything else is a leaf's description."""
     if isinstance(tree, dict):
         out: dict[Path, Any] = {}
         for k, v in tree.items():
-            out.update(_flat(v, (*prefix, str(k))))
+            out.update(_flat(v, (*prefix, str(k)), saved=saved))
         return out
+    if saved:
+        return {prefix: tree}
     if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
         return _flat(dict(zip(type(tree)._fields, tree, strict=True)), prefix)
     if isinstance(tree, (list, tuple)):
@@ -566,7 +577,7 @@ def _structure(flat: dict[Path, Any]) -> str:
 
 def _value_problems(key: str, value: Any, saved: Any) -> list[str]:
     """Compare a slot's value (an array, or a dict of arrays) with the checkpoint's sub-tree."""
-    expected, found = _flat(value), _flat(saved)
+    expected, found = _flat(value), _flat(saved, saved=True)
     if expected.keys() != found.keys():
         return [
             f"{key}: {_structure(found)} in the checkpoint, {_structure(expected)} in the module"
