@@ -231,3 +231,202 @@ def test_brainpy_brainstate_and_units_as_leaves(url):
     np.testing.assert_array_equal(np.asarray(same_var.value), [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(np.asarray(same_state.value), [0, 1, 2, 3])
     assert out["q"].unit == u.mV  # the saved unit, not the target's
+
+
+# --- paths from the node tree: BrainPy's E/I network with merging projections ----------------
+
+NE, NI = 320, 80
+
+
+class EINet(bp.DynSysGroup):
+    """BrainPy's docs EINet (LifRefLTC, VarDelay, ProjAlignPostMg1 + Expon + COBA), small and
+    with dense weights held in TrainVars so that a restore brings the connectivity too."""
+
+    def __init__(self):
+        super().__init__()
+        n = NE + NI
+        self.N = bp.dyn.LifRefLTC(n, V_rest=-60.0, V_th=-50.0, V_reset=-60.0, tau=20.0,
+                                  tau_ref=5.0, V_initializer=bp.init.Normal(-55.0, 2.0))  # fmt: skip
+        self.delay = bp.VarDelay(self.N.spike, entries={"I": 0.5})
+
+        def dense(n_pre, weight):
+            w = bm.where(bm.random.rand(n_pre, n) < 0.02, weight, 0.0)
+            return bp.dnn.Linear(n_pre, n, W_initializer=w, b_initializer=None,
+                                 mode=bm.training_mode)  # fmt: skip
+
+        self.E = bp.dyn.ProjAlignPostMg1(comm=dense(NE, 0.6), syn=bp.dyn.Expon.desc(n, tau=5.0),
+                                         out=bp.dyn.COBA.desc(E=0.0), post=self.N)  # fmt: skip
+        self.I = bp.dyn.ProjAlignPostMg1(comm=dense(NI, 6.7), syn=bp.dyn.Expon.desc(n, tau=10.0),
+                                         out=bp.dyn.COBA.desc(E=-80.0), post=self.N)  # fmt: skip
+
+    def update(self, inp):
+        spk = self.delay.at("I")
+        self.E(spk[:NE])
+        self.I(spk[NE:])
+        self.delay(self.N(inp))
+        return self.N.spike.value
+
+
+def _run(net, start, steps):
+    return np.asarray(bm.for_loop(lambda i: net.step_run(i, 20.0), np.arange(start, start + steps)))
+
+
+def _group_paths(where):
+    import zarr
+
+    paths = []
+    group = zarr.open_group(where, mode="r")
+
+    def walk(g, prefix):
+        for name, child in g.members():
+            path = f"{prefix}/{name}" if prefix else name
+            paths.append(path)
+            if isinstance(child, zarr.Group):
+                walk(child, path)
+
+    walk(group, "")
+    return paths
+
+
+def test_einet_merging_projections_resume_spike_identical(tmp_path):
+    first, second = EINet(), EINet()
+    _run(first, 0, 200)
+    where = zarrckpt.save_module(first, str(tmp_path / "ei"), verbose=False)
+    expected = _run(first, 200, 300)
+    assert expected.sum() > 0
+
+    paths = _group_paths(where)
+    for path in ("N/V", "N/spike", "N/t_last_spike", "delay/data", "E/comm/W", "I/comm/W",
+                 "N/_before_updates/E/syn/g", "N/_before_updates/I/syn/g"):  # fmt: skip
+        assert path in paths, (path, paths)
+    assert not any(c in p for p in paths for c in "<>(){}' "), paths  # no reprs as group names
+    ckpt = zarrckpt.open_checkpoint(str(tmp_path / "ei"))
+    assert sorted(ckpt["N/_before_updates"].keys()) == ["E", "I"]
+
+    assert zarrckpt.load_module(second, str(tmp_path / "ei")) == zarrckpt.StateLoadResult([], [])
+    np.testing.assert_array_equal(_run(second, 200, 300), expected)
+
+
+def test_einet_only_one_projection_and_names_stable_across_instances(tmp_path):
+    first = EINet()
+    _run(first, 0, 100)
+    zarrckpt.save_module(first, str(tmp_path / "ei"), verbose=False)
+    third = EINet()  # other global names (HalfProjAlignPostMg2, ...), same relative paths
+    assert third.E.name != first.E.name
+    w_before = np.asarray(third.I.comm.W.value).copy()
+    v_before = np.asarray(third.N.V.value).copy()
+    assert zarrckpt.load_module(third, str(tmp_path / "ei"), only="E") == ([], [])
+    np.testing.assert_array_equal(np.asarray(third.E.comm.W.value), np.asarray(first.E.comm.W))
+    np.testing.assert_array_equal(np.asarray(third.I.comm.W.value), w_before)
+    np.testing.assert_array_equal(np.asarray(third.N.V.value), v_before)
+    # the synapse registered by I on N, by its checkpoint path, its dotted key or a tuple
+    syn_i = list(third.N.before_updates.values())[1]  # registered second, by I
+    for only in ("N/_before_updates/I", "N._before_updates.I", ("N", "_before_updates", "I")):
+        syn_i.syn.g.value = bm.zeros_like(syn_i.syn.g.value)
+        assert zarrckpt.load_module(third, str(tmp_path / "ei"), only=only) == ([], [])
+        g_first = list(first.N.before_updates.values())[1].syn.g
+        np.testing.assert_array_equal(np.asarray(syn_i.syn.g.value), np.asarray(g_first))
+
+
+def test_positional_children_named_by_class_and_index(tmp_path):
+    def make():  # DynSysGroup keys positional children by their global names (Lif7, ...)
+        return bp.DynSysGroup(bp.dyn.Lif(3), bp.dyn.Lif(4), bp.dyn.Expon(2))
+
+    a = make()
+    a.children[list(a.children)[1]].V.value = bm.arange(4.0)
+    zarrckpt.save_module(a, str(tmp_path / "g"), verbose=False)
+    assert sorted(zarrckpt.open_checkpoint(str(tmp_path / "g"))["children"].keys()) == [
+        "Expon0", "Lif0", "Lif1",
+    ]  # fmt: skip
+    b = make()
+    assert zarrckpt.load_module(b, str(tmp_path / "g")) == ([], [])
+    np.testing.assert_array_equal(np.asarray(list(b.children.values())[1].V.value), np.arange(4.0))
+
+
+def test_unexpected_and_missing_keys_are_the_real_ones(tmp_path):
+    net = EINet()
+    state = zarrckpt.load_pytree(zarrckpt.save_module(net, str(tmp_path / "a"), verbose=False)
+                                 .rsplit("/", 1)[0])  # fmt: skip
+    del state["N"]["_before_updates"]["I"]
+    state["N"]["_before_updates"]["Z"] = {"syn": {"g": np.zeros(NE + NI, np.float32)}}
+    state["extra"] = np.ones(2)
+    zarrckpt.save_pytree(str(tmp_path / "b"), state, verbose=False)
+    with pytest.warns(UserWarning) as record:
+        result = zarrckpt.load_module(EINet(), str(tmp_path / "b"))
+    assert sorted(str(w.message).split(":")[0] for w in record) == [
+        "Missing keys in the checkpoint", "Unexpected keys in the checkpoint",
+    ]  # fmt: skip
+    assert result.missing_keys == ["N._before_updates.I.syn.g"]
+    assert sorted(result.unexpected_keys) == ["N._before_updates.Z", "extra"]
+
+
+# --- validate everything, then assign --------------------------------------------------------
+
+
+class Three(bp.DynamicalSystem):
+    def __init__(self, n):
+        super().__init__()
+        self.a = bm.Variable(bm.zeros(3))
+        self.b = bm.Variable(bm.zeros(4, dtype=bm.int32))
+        self.c = bm.Variable(bm.zeros(n))
+
+
+def test_mismatch_in_the_last_variable_leaves_every_variable_unchanged(tmp_path):
+    saved = Three(5)
+    saved.a.value, saved.b.value, saved.c.value = bm.ones(3), bm.ones(4, bm.int32), bm.ones(5)
+    zarrckpt.save_module(saved, str(tmp_path / "m"), verbose=False)
+    other = Three(6)
+    with pytest.raises(zarrckpt.StructureMismatchError, match=r"nothing was restored") as info:
+        zarrckpt.load_module(other, str(tmp_path / "m"))
+    assert "c: shape (5,) dtype float32 in the checkpoint, shape (6,) dtype float32" in str(
+        info.value
+    )
+    for name in "abc":
+        assert not np.asarray(getattr(other, name).value).any(), name  # nothing assigned
+
+
+def test_mismatch_error_names_every_bad_key(tmp_path):
+    zarrckpt.save_pytree(str(tmp_path / "m"), {"a": np.ones(2, np.float32),
+                         "b": np.ones(4, np.float64), "c": np.ones(9, np.float32)},
+                         verbose=False)  # fmt: skip
+    other = Three(6)
+    with pytest.raises(zarrckpt.StructureMismatchError, match=r"\(3 problems\)") as info:
+        zarrckpt.load_module(other, str(tmp_path / "m"))
+    message = str(info.value)
+    assert "a: shape (2,) dtype float32 in the checkpoint, shape (3,) dtype float32" in message
+    assert "b: shape (4,) dtype float64 in the checkpoint, shape (4,) dtype int32" in message
+    assert "c: shape (9,)" in message
+
+
+def test_hook_input_mismatch_is_found_before_anything_is_assigned(tmp_path):
+    class Sized(YourClass):
+        def __init__(self, n):
+            bp.DynamicalSystem.__init__(self)
+            self.a, self.b = 1, bm.random.rand(10)
+            self.c = bm.Variable(bm.zeros(n))  # what __save_state__ gives as "c"
+            self.d = bm.var_list([bm.Variable(bm.random.rand(3)), bm.Variable(bm.random.rand(3))])
+
+    class Holder(bp.DynamicalSystem):
+        def __init__(self, n):
+            super().__init__()
+            self.w = bm.Variable(bm.zeros(2))
+            self.inner = Sized(n)
+
+    saved = Holder(3)
+    saved.w.value = bm.ones(2)
+    zarrckpt.save_module(saved, str(tmp_path / "h"), verbose=False)
+    other = Holder(4)
+    d_before = [np.asarray(v.value).copy() for v in other.inner.d]
+    with pytest.raises(zarrckpt.StructureMismatchError, match=r"inner\.c: shape \(3,\)"):
+        zarrckpt.load_module(other, str(tmp_path / "h"))
+    assert not np.asarray(other.w.value).any()
+    for v, before in zip(other.inner.d, d_before, strict=True):
+        np.testing.assert_array_equal(np.asarray(v.value), before)  # the hook never ran
+
+
+def test_load_module_without_checkpoint_and_with_a_non_module(tmp_path):
+    with pytest.warns(zarrckpt.MissingCheckpointWarning):
+        result = zarrckpt.load_module(Three(2), str(tmp_path / "none"))
+    assert result == (["a", "b", "c"], [])
+    with pytest.raises(TypeError, match="expected a BrainPy module"):
+        zarrckpt.save_module({"a": 1}, str(tmp_path / "x"))
