@@ -55,12 +55,17 @@ class Plan:
                 )
         return keys
 
-    def unchanged_metadata(self, old_record: bytes) -> frozenset[str]:
-        """Metadata keys whose bytes a recycled step (``old_record``, this process's own
+    def metadata_keys(self) -> frozenset[str]:
+        return frozenset(
+            [f"{g}/zarr.json" for g in self.groups if g]
+            + [f"{leaf.path}/zarr.json" for leaf in self.leaves]
+        )
+
+    def unchanged_metadata(self, old: dict[str, Any]) -> frozenset[str]:
+        """Metadata keys whose bytes a recycled step (tree record ``old``: this process's own
         earlier step, so written by this very code) already holds: same group, or same leaf
         layout. Anything unreadable counts as changed."""
         try:
-            old = json.loads(old_record)["attributes"]["zarrckpt"]["tree"]
             layouts = {r["path"]: ArrayLayout.from_json(r) for r in _tree.iter_leaf_records(old)}
         except Exception:
             return frozenset()
@@ -84,6 +89,14 @@ def plan(target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None)
         by_path[path].update(kind, **layout.to_json())
         leaves.append(LeafData(path, array, layout, {}))
     return Plan(record, leaves, groups)
+
+
+def _old_tree(record: bytes) -> Any:
+    """The tree record of a recycled step's record (None if unreadable: then all is rewritten)."""
+    try:
+        return json.loads(record)["attributes"]["zarrckpt"]["tree"]
+    except Exception:
+        return None
 
 
 def _resolve_step(manifest: Manifest, step: int | None, overwrite: bool, where: str) -> int:
@@ -160,8 +173,12 @@ def save(
             async def write(old_record: bytes | None) -> None:
                 unchanged: frozenset[str] = frozenset()
                 if old_record is not None:  # a recycled directory: same names, rewritten
-                    await storage.trim(info.dir, snapshot.keys())
-                    unchanged = snapshot.unchanged_metadata(old_record)
+                    old = _old_tree(old_record)
+                    if old == snapshot.record:  # the loop's usual case: the same tree again
+                        unchanged = snapshot.metadata_keys()
+                    else:
+                        await storage.trim(info.dir, snapshot.keys())
+                        unchanged = snapshot.unchanged_metadata(old)
                 await write_step(
                     storage, info.dir, snapshot.leaves, snapshot.groups, record, progress,
                     unchanged=unchanged,
