@@ -8,6 +8,8 @@ use them (see ``_tree``'s docstring). Everything else passes on the current api.
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import unicodedata
 from collections import namedtuple
 from collections.abc import Mapping
@@ -226,6 +228,29 @@ def test_pytree_nodes_restored_into_a_target(local_url):
     assert type(out["pair"]) is Pair and out["pair"].first == np.float32(1.5)
     assert type(out["frozen"]) is Frozen
     np.testing.assert_array_equal(out["frozen"]["kernel"], np.eye(2))
+
+
+def test_optax_states_round_trip(local_url):
+    optax = pytest.importorskip("optax")
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    opt = optax.adam(1e-3)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = opt.update(grads, opt.init(params), params)
+    save(local_url, {"opt": state})
+    assert type(zarrckpt.load_pytree(local_url)["opt"][0]) is type(state[0])  # a namedtuple
+    out = zarrckpt.load_pytree(local_url, {"opt": opt.init(params)})
+    assert jax.tree.structure(out) == jax.tree.structure({"opt": state})
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), out["opt"], state)))
+
+
+def test_the_tree_core_runs_without_jax():
+    code = (
+        "import sys, zarrckpt._tree as t\n"
+        "record, leaves, groups = t.flatten({('a', 1): 1, 'b': [2], 'c': None})\n"
+        "assert leaves == [('a/1', 1), ('b/0', 2)] and groups == ['', 'a', 'b'], leaves\n"
+        "assert 'jax' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def test_quantities_and_variables_are_not_split(local_url):
