@@ -7,6 +7,16 @@ keeps its unit) and a load into a target updates the target's own objects.
 Framework types (JAX, BrainPy, brainstate, brainunit) are recognised only when their module
 is already imported: an object cannot be a ``jax.Array`` if ``jax`` was never imported, so
 the core never imports a framework it does not need.
+
+Typed JAX PRNG keys (``jax.random.key(0)``, arrays of them, a brainstate ``RandomState``'s
+value) are stored as their ``jax.random.key_data`` (``uint32``, the key shape appended) with
+the implementation's name (``"impl": "threefry2x32"``), and come back as typed keys of that
+implementation, with or without a target, so a resumed run draws the same numbers.
+
+Kinds recorded per leaf (``"kind"``): ``ndarray``, ``jax``, ``npscalar``, ``py`` (+
+``pytype``), ``str``, ``bytes``, ``quantity`` (+ ``unit``), ``brainpy`` (+ ``class``),
+``state`` (+ ``class``: a brainstate State holding an array), ``prngkey`` (+ ``impl``). A
+State holding a Quantity or a key keeps that kind and adds ``"state": class name``.
 """
 
 from __future__ import annotations
@@ -18,9 +28,19 @@ from typing import Any
 import numpy as np
 
 from . import _dtypes
-from .errors import UnsupportedLeafError, ZarrCkptWarning
+from ._format import ArrayLayout, parse_codec
+from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarning
 
-__all__ = ["decode", "encode", "restore"]
+__all__ = [
+    "check_record",
+    "compare",
+    "decode",
+    "describe",
+    "encode",
+    "is_leaf",
+    "restore",
+    "state_subtree",
+]
 
 _PY_SCALARS = {"bool": bool, "int": int, "float": float, "complex": complex}
 
@@ -45,6 +65,56 @@ def _quantity_type() -> type | None:
 
 def _is(obj: Any, cls: type | None) -> bool:
     return cls is not None and isinstance(obj, cls)
+
+
+def _holds_array(inner: Any) -> bool:
+    """Whether a State's value is one leaf (an array or a Quantity), not a sub-tree."""
+    return _is(inner, _quantity_type()) or (hasattr(inner, "shape") and hasattr(inner, "dtype"))
+
+
+def _is_key(value: Any) -> bool:
+    """Whether ``value`` is a typed JAX PRNG key array (``jax.random.key``, not ``PRNGKey``)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(value, jax.Array):
+        return False
+    return bool(jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key))
+
+
+def _key_impl(key: Any) -> str:
+    import jax
+
+    impl = jax.random.key_impl(key)
+    return impl if isinstance(impl, str) else str(getattr(impl, "name", impl))
+
+
+def is_leaf(value: Any) -> bool:
+    """Whether ``value`` is a leaf of a kind :func:`encode` stores (even if JAX could split it).
+
+    ``_tree`` asks this before treating an object as a JAX PyTree node: Quantities and
+    BrainPy arrays are PyTree nodes to JAX but one leaf each here. A brainstate State is a
+    leaf if it holds an array or a Quantity (a State holding a sub-tree is a container:
+    see :func:`state_subtree`).
+    """
+    if isinstance(value, (np.ndarray, np.generic, bool, int, float, complex, str, bytes)):
+        return True
+    if _is(value, _module_attr("jax", "Array")) or _is(value, _brainpy_array_type()):
+        return True
+    if _is(value, _quantity_type()):
+        return True
+    if _is(value, _module_attr("brainstate", "State")):
+        return _holds_array(value.value)
+    return False
+
+
+def state_subtree(value: Any) -> tuple[Any] | None:
+    """``(sub_tree,)`` if ``value`` is a brainstate State holding a sub-tree, else None.
+
+    Such a State is a container to ``_tree`` (transparent: its sub-tree is stored at its
+    path); a State holding an array or a Quantity is a leaf (:func:`is_leaf`).
+    """
+    if _is(value, _module_attr("brainstate", "State")) and not _holds_array(value.value):
+        return (value.value,)
+    return None
 
 
 def _host_array(path: str, value: Any, copy: bool) -> np.ndarray:
@@ -107,20 +177,25 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, di
         }
     if _is(value, _module_attr("brainstate", "State")):
         inner = value.value
-        if _is(inner, _quantity_type()):
-            array, rec = encode(path, inner, copy=copy)
-            return array, {**rec, "state": type(value).__name__}
-        if not (hasattr(inner, "shape") and hasattr(inner, "dtype")):
+        if not _holds_array(inner):
             raise UnsupportedLeafError(
                 f"leaf {path!r}: a brainstate {type(value).__name__} holding "
                 f"{type(inner).__name__}; expected one holding an array"
             )
-        return _host_array(path, inner, copy), {"kind": "state", "class": type(value).__name__}
+        array, rec = encode(path, inner, copy=copy)
+        if rec["kind"] in ("jax", "ndarray", "npscalar"):
+            return array, {"kind": "state", "class": type(value).__name__}
+        return array, {**rec, "state": type(value).__name__}
     if _is(value, _quantity_type()):
         return _host_array(path, value.mantissa, copy), {
             "kind": "quantity",
             "unit": _unit_record(value.unit),
         }
+    if _is_key(value):
+        import jax
+
+        data = jax.random.key_data(value)
+        return _host_array(path, data, copy), {"kind": "prngkey", "impl": _key_impl(value)}
     if _is(value, _module_attr("jax", "Array")):
         return _host_array(path, value, copy), {"kind": "jax"}
     if isinstance(value, np.ndarray):
@@ -168,8 +243,37 @@ def decode(rec: dict[str, Any], array: np.ndarray) -> Any:
                 stacklevel=4,
             )
             return array
-        return u.Quantity(array, unit=_unit_from_record(rec["unit"]))
+        try:
+            unit = _unit_from_record(rec["unit"])
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"leaf {rec['path']!r}: the recorded unit cannot be rebuilt ({exc})"
+            ) from exc
+        return u.Quantity(array, unit=unit)
+    if kind == "prngkey":
+        try:
+            return _wrap_key(rec, array, rec["impl"])
+        except ImportError:
+            warnings.warn(
+                f"leaf {rec['path']!r} is a JAX PRNG key ({rec['impl']}) but jax is not "
+                "installed; returning its key data as a uint32 array",
+                ZarrCkptWarning,
+                stacklevel=4,
+            )
+            return array
     return array
+
+
+def _wrap_key(rec: dict[str, Any], array: np.ndarray, impl: str) -> Any:
+    import jax
+
+    try:
+        return jax.random.wrap_key_data(array, impl=impl)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CorruptCheckpointError(
+            f"leaf {rec['path']!r}: key data of shape {array.shape} is not a {impl!r} PRNG key "
+            f"({exc})"
+        ) from exc
 
 
 def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -180,6 +284,10 @@ def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
         value = value.value  # they wrap their array
     if _is(value, _quantity_type()):
         value = value.mantissa
+    if _is_key(value):
+        import jax
+
+        value = jax.random.key_data(value)  # stored as its key data
     if isinstance(value, (bool, int, float, complex)):
         value = np.asarray(value)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
@@ -206,6 +314,11 @@ def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
     if _is(target, quantity):
         unit = _unit_from_record(rec["unit"]) if rec.get("kind") == "quantity" else target.unit
         return quantity(restore(target.mantissa, rec, array), unit=unit)
+    if _is_key(target):
+        import jax
+
+        impl = rec["impl"] if rec.get("kind") == "prngkey" else _key_impl(target)
+        return jax.device_put(_wrap_key(rec, array, impl), target.sharding)
     jax_array = _module_attr("jax", "Array")
     if _is(target, jax_array):
         import jax
@@ -222,3 +335,98 @@ def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
     if isinstance(target, bytes):
         return array.tobytes()
     return decode(rec, array)
+
+
+def compare(path: str, target: Any, rec: dict[str, Any]) -> str | None:
+    """Why ``rec`` cannot restore ``target`` beyond shape and dtype (None if it can).
+
+    A typed PRNG key target must get a key of its own implementation: ``threefry2x32``
+    and ``rbg`` data may even share a shape, but draw different numbers.
+    """
+    if _is(target, _brainpy_array_type()) or _is(target, _module_attr("brainstate", "State")):
+        target = target.value
+    if _is_key(target) and rec.get("kind") == "prngkey":
+        impl = _key_impl(target)
+        if rec.get("impl") != impl:
+            return f"{path}: PRNG key implementation {rec.get('impl')} in the checkpoint, {impl} in the target"
+    return None
+
+
+_MAX_NDIM = 64
+_MAX_DIM = 2**62
+
+
+def _int_list(value: Any, low: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= _MAX_NDIM
+        and all(
+            isinstance(v, int) and not isinstance(v, bool) and low <= v <= _MAX_DIM for v in value
+        )
+    )
+
+
+def _number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(float(value)))
+    )
+
+
+def _check_unit(unit: Any) -> str | None:
+    if not isinstance(unit, dict):
+        return "a quantity leaf needs a 'unit' object"
+    dim = unit.get("dim")
+    if not (isinstance(dim, list) and len(dim) <= 16 and all(_number(d) for d in dim)):
+        return "the unit's 'dim' must be an array of numbers"
+    for field in ("scale", "base", "factor"):
+        if not _number(unit.get(field)):
+            return f"the unit's {field!r} must be a number"
+    for field in ("name", "dispname"):
+        if not isinstance(unit.get(field), (str, type(None))):
+            return f"the unit's {field!r} must be a string"
+    return None
+
+
+def check_record(rec: dict[str, Any]) -> str | None:
+    """Why a leaf record read from storage is unusable (None if it is fine).
+
+    Checks the array layout (``shape``, ``dtype``, ``chunks``, ``codec``) and the fields of
+    the leaf's kind, so that reading and :func:`decode` can trust them.
+    """
+    shape, chunks = rec.get("shape"), rec.get("chunks")
+    if not _int_list(shape, 0):
+        return f"the leaf's 'shape' must be an array of at most {_MAX_NDIM} non-negative integers"
+    if not _int_list(chunks, 1) or len(chunks) != len(shape):
+        return "the leaf's 'chunks' must be an array of positive integers, one per dimension"
+    dtype, codec = rec.get("dtype"), rec.get("codec")
+    if not isinstance(dtype, str):
+        return "the leaf's 'dtype' must be a string"
+    if not isinstance(codec, str):
+        return "the leaf's 'codec' must be a string"
+    try:
+        parse_codec(codec)
+        layout = ArrayLayout.from_json(rec)
+    except ValueError as exc:
+        return str(exc)
+    kind = rec.get("kind", "ndarray")
+    if not isinstance(kind, str):
+        return "the leaf's 'kind' must be a string"
+    for field in ("class", "state"):
+        if not isinstance(rec.get(field), (str, type(None))):
+            return f"the leaf's {field!r} must be a string"
+    if kind in ("py", "npscalar") and layout.shape != ():
+        return f"a {kind} leaf must be 0-d, found shape {layout.shape}"
+    if kind == "py" and rec.get("pytype") not in _PY_SCALARS:
+        return f"the leaf's 'pytype' must be one of {sorted(_PY_SCALARS)}"
+    if kind in ("str", "bytes") and (len(layout.shape) != 1 or layout.dtype != np.uint8):
+        return f"a {kind} leaf must be a 1-d uint8 array"
+    if kind == "quantity":
+        return _check_unit(rec.get("unit"))
+    if kind == "prngkey":
+        if not isinstance(rec.get("impl"), str):
+            return "a prngkey leaf needs an 'impl' string"
+        if not layout.shape or layout.dtype != np.uint32:
+            return "a prngkey leaf must be a uint32 array of at least one dimension"
+    return None
