@@ -1,9 +1,4 @@
-"""PyTrees beyond dict/list/tuple: tuple keys, brainstate states, JAX nodes, PRNG keys, names.
-
-Tests whose name ends in ``_needs_api_integration`` exercise ``_tree.match``/``rebuild``/
-``children`` end to end; they pass once ``api._restore_into`` and ``checkpoint._children``
-use them (see ``_tree``'s docstring). Everything else passes on the current api.
-"""
+"""PyTrees beyond dict/list/tuple: tuple keys, brainstate states, JAX nodes, PRNG keys, names."""
 
 import dataclasses
 import json
@@ -301,8 +296,8 @@ def test_key_of_another_implementation_is_a_shape_mismatch(local_url):
         zarrckpt.load_pytree(local_url, {"key": jax.random.key(0)})
 
 
-def test_key_impl_mismatch_of_equal_shape_needs_api_integration(local_url):
-    # needs api integration: _compare must call _leaves.compare (rbg and unsafe_rbg share a shape)
+def test_key_impl_mismatch_of_equal_shape(local_url):
+    # rbg and unsafe_rbg keys share a shape: the implementation must be compared too
     save(local_url, {"key": jax.random.key(0, impl="rbg")})
     with pytest.raises(
         StructureMismatchError,
@@ -371,6 +366,17 @@ def test_reserved_keys_on_memory_store():
 # --- version 1 checkpoints -------------------------------------------------------------------------
 
 
+def _resign(url):
+    """Put the edited step record's crc32c into the manifest, as its author would."""
+    import google_crc32c
+
+    root = Path(url)
+    manifest = json.loads((root / "zarr.json").read_text())
+    entry = manifest["attributes"]["zarrckpt"]["steps"][-1]
+    entry["record_crc32c"] = google_crc32c.value((root / entry["dir"] / "zarr.json").read_bytes())
+    (root / "zarr.json").write_text(json.dumps(manifest))
+
+
 def _as_version_1(url):
     """Rewrite a fresh checkpoint as zarrckpt 0.1 named it: "a:b" and ".h" unescaped."""
     step = _step_dir(url)
@@ -386,6 +392,7 @@ def _as_version_1(url):
     for old, new in renames.items():
         (step / old).rename(step / new)
     (step / "zarr.json").write_text(json.dumps(meta))
+    _resign(url)
 
 
 _V1_TREE = {"a:b": np.arange(3), ".h": np.ones(2), "p": Point(np.zeros(1), 4)}
@@ -397,9 +404,8 @@ def test_version_1_checkpoint_loads_without_target(local_url):
     assert_same(zarrckpt.load_pytree(local_url), _V1_TREE)
 
 
-def test_version_1_checkpoint_loads_into_target_needs_api_integration(local_url):
-    # needs api integration: the current _restore_into compares re-spelt paths ("a%3Ab")
-    # with the recorded ones ("a:b"); _tree.match pairs them by the recorded keys.
+def test_version_1_checkpoint_loads_into_target(local_url):
+    # _tree.match pairs target keys with the recorded names ("a:b"), never re-spelt ("a%3Ab").
     save(local_url, _V1_TREE)
     _as_version_1(local_url)
     target = {"a:b": np.zeros(3, np.int64), ".h": np.zeros(2), "p": Point(np.ones(1), 0)}
@@ -414,6 +420,7 @@ def _edit_record(url, edit):
     meta = json.loads((step / "zarr.json").read_text())
     text = edit(meta["attributes"]["zarrckpt"])
     (step / "zarr.json").write_text(text or json.dumps(meta))
+    _resign(url)  # a hostile author controls the manifest too
 
 
 def _nested(levels):
@@ -440,8 +447,7 @@ def _nested(levels):
      (_nested(400), "the tree nests deeper than 256 levels"),
      (_nested(100_000), "no zarrckpt tree record")],
 )  # fmt: skip
-def test_hostile_tree_record_in_a_step_needs_api_integration(local_url, edit, message):
-    # needs api integration: _read_record must call _tree.validate (and catch RecursionError)
+def test_hostile_tree_record_in_a_step(local_url, edit, message):
     save(local_url, {"a": np.arange(3), "b": 1})
     _edit_record(local_url, edit)
     with pytest.raises(CorruptCheckpointError, match=r"zarr\.json") as info:
@@ -454,8 +460,7 @@ def test_hostile_tree_record_in_a_step_needs_api_integration(local_url, edit, me
 # --- lazy navigation -------------------------------------------------------------------------------
 
 
-def test_lazy_navigation_through_tuple_key_groups_needs_api_integration(local_url):
-    # needs api integration: checkpoint._children must become _tree.children
+def test_lazy_navigation_through_tuple_key_groups(local_url):
     states = _net().states()
     save(local_url, {"state": states, "nodes": _nodes()})
     ckpt = zarrckpt.open_checkpoint(local_url)

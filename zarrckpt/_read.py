@@ -92,7 +92,14 @@ def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
             f"{storage.describe(key)} is missing: step {info.step} is listed in the manifest "
             "but its data is gone"
         )
-    return parse_step_record(data, info, storage.describe(key))
+    where = storage.describe(key)
+    tree = parse_step_record(data, info, where)
+    try:
+        return _tree.validate(tree)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where}: the tree record is nested too deeply") from None
 
 
 def layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
@@ -208,7 +215,8 @@ def read(
 
 def _warn_missing_class(spec: str) -> None:
     warnings.warn(
-        f"namedtuple class {spec} cannot be imported; returning its fields as a dict",
+        f"class {spec} is not loaded in this process (zarrckpt never imports a class named "
+        "by a checkpoint); returning its fields as a dict",
         ZarrCkptWarning,
         stacklevel=4,
     )
@@ -242,30 +250,29 @@ def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
         return f"{path}: shape {layout.shape} in the checkpoint, {shape} in the target"
     if dtype != layout.dtype:
         return f"{path}: dtype {layout.dtype} in the checkpoint, {dtype} in the target"
-    return None
+    return _leaves.compare(path, value, rec)
 
 
 def restore_into(
     opened: OpenStep, record: dict[str, Any], target: Any, mismatch: Mismatch, parallel: bool,
     verbose: bool, prefix: str = "",
 ) -> Any:  # fmt: skip
-    """Restore the sub-tree ``record`` (stored under ``prefix``) into ``target``'s structure."""
-    saved = {rec["path"][len(prefix) :].lstrip("/"): rec for rec in _tree.iter_leaf_records(record)}
-    _, flat, _ = _tree.flatten(target)
+    """Restore the sub-tree ``record`` (stored under ``prefix``) into ``target``'s structure.
+
+    Target leaves are paired with saved ones by their original keys (``_tree.match``), never
+    by re-spelling names, so checkpoints of every naming scheme restore alike.
+    """
+    pairs, unexpected = _tree.match(record, target, prefix)
     problems, wanted = [], {}
-    for path, value in flat:
-        rec = saved.get(path)
+    for i, (path, value, rec) in enumerate(pairs):
         problem = (
             f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
         )
         if problem:
             problems.append(problem)
         else:
-            wanted[path] = rec
-    target_paths = {path for path, _ in flat}
-    problems += [
-        f"{p}: in the checkpoint, not in the target" for p in saved if p not in target_paths
-    ]
+            wanted[i] = rec
+    problems += [f"{p}: in the checkpoint, not in the target" for p in unexpected]
     if problems and mismatch != "ignore":
         listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         message = (
@@ -275,11 +282,8 @@ def restore_into(
             raise StructureMismatchError(message)
         warnings.warn(message, StructureMismatchWarning, stacklevel=3)
     arrays = read(opened, list(wanted.values()), parallel, verbose)
-
-    def restore(path: str, value: Any) -> Any:
-        if path not in wanted:
-            return value  # mismatched or missing: the target keeps its value
-        rec = wanted[path]
-        return _leaves.restore(value, rec, arrays[rec["path"]])
-
-    return _tree.map_leaves(target, restore)
+    values = [
+        _leaves.restore(value, wanted[i], arrays[wanted[i]["path"]]) if i in wanted else value
+        for i, (_, value, _) in enumerate(pairs)
+    ]  # mismatched or missing leaves keep the target's value
+    return _tree.rebuild(target, values)

@@ -162,7 +162,7 @@ def save(
                 f"{storage.url}: keep={keep} would delete committed step(s) {dropped}, which "
                 "overwrite=False protects; pass keep=None (keep all) or overwrite=True"
             )
-    record = step_record_bytes(number, snapshot.record, getattr(_tree, "NAMING_VERSION", 1))
+    record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
     location = storage.describe(info.dir)
 
     def task() -> None:

@@ -40,15 +40,7 @@ def open_checkpoint(
     return Checkpoint(opened)
 
 
-def _children(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Child name -> record of a container record."""
-    kind = record["type"]
-    kids = record.get("children", [])
-    if kind in ("dict", "odict"):
-        return dict(zip(record["names"], kids, strict=True))
-    if kind == "namedtuple":
-        return dict(zip((_tree.escape(f) for f in record["fields"]), kids, strict=True))
-    return {str(i): c for i, c in enumerate(kids)}
+_children = _tree.children
 
 
 def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
@@ -59,7 +51,7 @@ def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
     def walk(rec: dict[str, Any], atoms: list[list[str]]) -> dict[str, Any] | None:
         if not atoms:
             return rec
-        kids = _children(rec) if rec["type"] not in ("leaf", "none") else {}
+        kids = _children(rec)
         head = atoms[0]
         for n in range(len(head), 0, -1):  # longest dotted run that names a child
             name = ".".join(head[:n])
@@ -77,15 +69,13 @@ def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
         names = _all_paths(record)
         close = difflib.get_close_matches(path.replace(".", "/"), names, n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        top = sorted(_children(record)) if record["type"] not in ("leaf", "none") else []
+        top = sorted(_children(record))
         raise KeyError(f"{path!r} is not in this checkpoint{hint} (top level: {top[:20]})")
     return found, "/".join(canonical)
 
 
 def _all_paths(record: dict[str, Any], prefix: str = "") -> list[str]:
     out: list[str] = []
-    if record["type"] in ("leaf", "none"):
-        return out
     for name, child in _children(record).items():
         path = f"{prefix}/{name}" if prefix else name
         out.append(path)
@@ -149,8 +139,6 @@ class _View:
         return True
 
     def keys(self) -> list[str]:
-        if self._record["type"] in ("leaf", "none"):
-            return []
         return list(_children(self._record))
 
     def __iter__(self) -> Iterator[str]:
@@ -170,8 +158,7 @@ class _View:
                 return _leaf_info(rec)
             if rec["type"] == "none":
                 return None
-            labels = rec.get("keys") or rec.get("fields") or range(len(rec["children"]))
-            return {str(k): build(c) for k, c in zip(labels, rec["children"], strict=True)}
+            return {label: build(c) for label, _, c in _tree.labelled_children(rec)}
 
         return build(self._record)
 
