@@ -453,8 +453,14 @@ def test_hostile_tree_record_in_a_step(local_url, edit, message):
     with pytest.raises(CorruptCheckpointError, match=r"zarr\.json") as info:
         zarrckpt.load_pytree(local_url)
     assert message in str(info.value)
+    # Opening parses the record; each part is validated before it is used.
     with pytest.raises(CorruptCheckpointError):
-        zarrckpt.open_checkpoint(local_url)
+        zarrckpt.open_checkpoint(local_url).leaves()
+    with pytest.raises(CorruptCheckpointError):
+        ckpt = zarrckpt.open_checkpoint(local_url)
+        for name in ckpt:  # a leaf is validated when indexed, a group when walked
+            node = ckpt[name]
+            node.leaves() if isinstance(node, zarrckpt.TreeView) else node[...]
 
 
 # --- lazy navigation -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -72,16 +72,33 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int
 
 @dataclass(frozen=True)
 class OpenStep:
-    """A committed step: its storage, manifest entry and tree record."""
+    """A committed step: its storage, manifest entry and tree record.
+
+    The record is validated lazily, part by part, as it is used (:meth:`valid`): opening a
+    step of 100,000 leaves to read one of them costs the JSON parse, not a walk of all.
+    """
 
     storage: Storage
     manifest: Manifest
     info: StepInfo
     record: dict[str, Any]
+    _checked: set[tuple[int, str]] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def location(self) -> str:
         return self.storage.describe(self.info.dir)
+
+    def valid(self, record: dict[str, Any], path: str = "") -> dict[str, Any]:
+        """``record`` (the sub-tree of this step's record at ``path``), once validated."""
+        if (id(self.record), "") in self._checked or (id(record), path) in self._checked:
+            return record
+        try:
+            _tree.validate(record, path)
+        except CorruptCheckpointError as exc:
+            where = self.storage.describe(f"{self.info.dir}/zarr.json")
+            raise CorruptCheckpointError(f"{where}: {exc}") from None
+        self._checked.add((id(record), path))
+        return record
 
 
 def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
@@ -92,14 +109,7 @@ def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
             f"{storage.describe(key)} is missing: step {info.step} is listed in the manifest "
             "but its data is gone"
         )
-    where = storage.describe(key)
-    tree = parse_step_record(data, info, where)
-    try:
-        return _tree.validate(tree)
-    except CorruptCheckpointError as exc:
-        raise CorruptCheckpointError(f"{where}: {exc}") from None
-    except RecursionError:
-        raise CorruptCheckpointError(f"{where}: the tree record is nested too deeply") from None
+    return parse_step_record(data, info, storage.describe(key))
 
 
 def layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
@@ -134,13 +144,7 @@ def open_step(
             f"step {step} is not committed at {storage.url}; committed steps: "
             f"{manifest.step_numbers}"
         )
-    record = _read_record(storage, info)
-    try:
-        layouts(list(_tree.iter_leaf_records(record)))
-    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
-        where = storage.describe(f"{info.dir}/zarr.json")
-        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
-    return OpenStep(storage, manifest, info, record)
+    return OpenStep(storage, manifest, info, _read_record(storage, info))
 
 
 def _gone(opened: OpenStep) -> CheckpointNotFoundError:
@@ -222,8 +226,11 @@ def _warn_missing_class(spec: str) -> None:
     )
 
 
-def materialize(opened: OpenStep, record: dict[str, Any], parallel: bool, verbose: bool) -> Any:
-    """The sub-tree ``record`` of an open step, as saved (arrays as numpy)."""
+def materialize(
+    opened: OpenStep, record: dict[str, Any], parallel: bool, verbose: bool, path: str = ""
+) -> Any:
+    """The sub-tree ``record`` (at ``path``) of an open step, as saved (arrays as numpy)."""
+    opened.valid(record, path)
     arrays = read(opened, list(_tree.iter_leaf_records(record)), parallel, verbose)
     return _tree.unflatten(
         record, lambda rec: _leaves.decode(rec, arrays[rec["path"]]), _warn_missing_class
@@ -262,6 +269,7 @@ def restore_into(
     Target leaves are paired with saved ones by their original keys (``_tree.match``), never
     by re-spelling names, so checkpoints of every naming scheme restore alike.
     """
+    opened.valid(record, prefix)
     pairs, unexpected = _tree.match(record, target, prefix)
     problems, wanted = [], {}
     for i, (path, value, rec) in enumerate(pairs):

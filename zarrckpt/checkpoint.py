@@ -127,8 +127,8 @@ class _View:
     def __getitem__(self, path: str) -> TreeView | LazyArray:
         record, canonical = _resolve(self._record, path)
         full = self._full(canonical)
-        if record["type"] == "leaf":
-            return LazyArray(self._opened, record, full)
+        if record.get("type") == "leaf":
+            return LazyArray(self._opened, self._opened.valid(record, full), full)
         return TreeView(self._opened, record, full)
 
     def __contains__(self, path: object) -> bool:
@@ -147,8 +147,12 @@ class _View:
     def __len__(self) -> int:
         return len(self.keys())
 
+    def _checked(self) -> dict[str, Any]:
+        """This view's record, validated (once) before anything walks all of it."""
+        return self._opened.valid(self._record, self.path)
+
     def leaves(self) -> list[LeafInfo]:
-        return [_leaf_info(r) for r in _tree.iter_leaf_records(self._record)]
+        return [_leaf_info(r) for r in _tree.iter_leaf_records(self._checked())]
 
     def tree(self) -> dict[str, Any] | LeafInfo | None:
         """The saved structure with a :class:`LeafInfo` (shape, dtype, chunks, ...) per leaf."""
@@ -160,7 +164,7 @@ class _View:
                 return None
             return {label: build(c) for label, _, c in _tree.labelled_children(rec)}
 
-        return build(self._record)
+        return build(self._checked())
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class _View:
         check_alive(self._opened)
         record, canonical = _resolve(self._record, path) if path else (self._record, "")
         if target is None:
-            return materialize(self._opened, record, parallel, verbose)
+            return materialize(self._opened, record, parallel, verbose, self._full(canonical))
         prefix = self._full(canonical)
         return restore_into(self._opened, record, target, mismatch, parallel, verbose, prefix)
 
