@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,13 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tupl
     return tuple(chunks)
 
 
+def _int_tuple(value: Any) -> Any:
+    """A JSON list of integers as a tuple; anything else as it is (it compares unequal)."""
+    if isinstance(value, list) and all(type(n) is int for n in value):
+        return tuple(value)
+    return value
+
+
 @dataclass(frozen=True)
 class ArrayLayout:
     """Shape, dtype, chunking and codec of one stored array."""
@@ -142,10 +149,12 @@ class ArrayLayout:
     def check_zarr_json(self, doc: Any, where: str) -> None:
         """Refuse an array ``zarr.json`` that disagrees with this layout (from the record)."""
         try:
+            if doc["zarr_format"] != 3 or doc["node_type"] != "array":
+                raise TypeError("not a Zarr v3 array")
             found = (
-                tuple(doc["shape"]),
+                _int_tuple(doc["shape"]),
                 doc["data_type"],
-                tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                _int_tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
             )
         except (KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{where}: malformed zarr.json ({exc})") from None
@@ -153,8 +162,8 @@ class ArrayLayout:
         if found != expected:
             raise CorruptCheckpointError(
                 f"{where}: the step record says shape {self.shape}, {expected[1]}, chunks "
-                f"{self.chunks}; the array's zarr.json says shape {found[0]}, {found[1]}, "
-                f"chunks {found[2]}"
+                f"{self.chunks}; the array's zarr.json says shape {found[0]!s:.100}, "
+                f"{found[1]!s:.40}, chunks {found[2]!s:.100}"
             )
 
     # --- geometry ----------------------------------------------------------------------------
@@ -162,6 +171,10 @@ class ArrayLayout:
     @property
     def grid(self) -> tuple[int, ...]:
         return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(self.grid)
 
     @property
     def nbytes(self) -> int:
@@ -177,6 +190,19 @@ class ArrayLayout:
     @staticmethod
     def chunk_key(idx: tuple[int, ...]) -> str:
         return ".".join(("c", *map(str, idx)))
+
+    def count_chunk_keys(self, names: Iterable[str]) -> int:
+        """How many of ``names`` (a directory listing) are keys of this array's chunks."""
+        grid = self.grid
+        count = 0
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "c" or len(parts) != len(grid) + 1:
+                continue
+            digits = parts[1:]
+            if all(d.isascii() and d.isdigit() and (d == "0" or d[0] != "0") for d in digits):
+                count += all(int(d) < n for d, n in zip(digits, grid, strict=True))
+        return count
 
     def chunk_region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(
