@@ -11,7 +11,9 @@ TensorStore read every variant:
   leaf's chunks sit beside its ``zarr.json`` and a small leaf costs one directory, not two;
 * codecs ``bytes`` (little-endian), optionally ``zstd`` or ``gzip``, then ``crc32c`` on
   every chunk. Compression uses numcodecs (the codecs zarr-python itself calls), the
-  checksum google-crc32c (zarr-python's own); nothing here reimplements a codec.
+  checksum google-crc32c (zarr-python's own); nothing here reimplements a codec. Reads
+  bound what decompression may produce to one chunk: zstd frames must declare the chunk's
+  size, gzip streams are inflated by ``zlib`` with a limit.
 
 Every chunk is written, also chunks equal to the fill value, so a missing chunk means
 damage, not zeros.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +97,25 @@ def _int_tuple(value: Any) -> Any:
     if isinstance(value, list) and all(type(n) is int for n in value):
         return tuple(value)
     return value
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_content_size(frame: np.ndarray) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, section 3.1.1.1),
+    or None if it declares none (numcodecs always writes it)."""
+    head = frame[:18].tobytes()
+    if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
+        return None
+    descriptor = head[4]
+    single_segment = descriptor >> 5 & 1
+    field = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    if not field or len(head) < start + field:
+        return None
+    size = int.from_bytes(head[start : start + field], "little")
+    return size + 256 if field == 2 else size
 
 
 @dataclass(frozen=True)
@@ -333,6 +355,34 @@ class ArrayLayout:
                 f"{where}: crc32c checksum mismatch (the chunk is damaged)"
             )
 
+    def _decompress(self, payload: np.ndarray, where: str) -> bytes:
+        """Decompress a chunk's payload without ever producing more than one chunk's bytes
+        (plus one, to tell a chunk that holds too much): a small file must not make the
+        reader allocate what its header or its content claims (a decompression bomb)."""
+        name = self.codec.split(":")[0]
+        try:
+            if name == "zstd":
+                declared = _zstd_content_size(payload)
+                if declared != self.chunk_nbytes:
+                    raise CorruptCheckpointError(
+                        f"{where}: cannot decompress (the zstd frame declares "
+                        f"{'no size' if declared is None else f'{declared} bytes'}, the chunk "
+                        f"holds {self.chunk_nbytes})"
+                    )
+                return bytes(numcodecs.Zstd().decode(payload))  # allocates what it declares
+            stream = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip, one member
+            raw = stream.decompress(payload, self.chunk_nbytes + 1)
+            if len(raw) <= self.chunk_nbytes and (not stream.eof or stream.unused_data):
+                raise CorruptCheckpointError(
+                    f"{where}: cannot decompress (the gzip stream is truncated or followed "
+                    "by other data)"
+                )
+            return raw
+        except CorruptCheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{where}: cannot decompress ({exc})") from None
+
     def decode_chunk(self, data: bytes | bytearray | memoryview, where: str) -> np.ndarray:
         """A chunk-shaped array from encoded bytes; damage raises naming ``where``."""
         buf = np.frombuffer(data, dtype=np.uint8)
@@ -345,12 +395,7 @@ class ArrayLayout:
                 f"{where}: crc32c checksum mismatch (the chunk is damaged)"
             )
         if self.codec != "none":
-            name, level = self.codec.split(":")
-            try:
-                raw = _COMPRESSORS[name][0](level=int(level)).decode(payload)
-            except Exception as exc:
-                raise CorruptCheckpointError(f"{where}: cannot decompress ({exc})") from exc
-            payload = np.frombuffer(raw, dtype=np.uint8)
+            payload = np.frombuffer(self._decompress(payload, where), dtype=np.uint8)
         if payload.size != self.chunk_nbytes:
             raise CorruptCheckpointError(
                 f"{where}: chunk holds {payload.size} bytes, expected {self.chunk_nbytes}"
