@@ -2,24 +2,30 @@
 
 Everything a reader does starts from the manifest: :func:`open_step` finds the step there,
 reads its record (one request), checks the record's checksum against the manifest entry
-and validates every leaf's layout before anything is allocated. Leaves larger than
-``CROSS_CHECK_BYTES`` are also checked against their own ``zarr.json`` before their memory
-is allocated, so a record that claims a huge array must at least agree with the array it
-names (the chunks themselves are verified by checksum as they arrive).
+and validates every leaf record before anything is allocated (:func:`check_leaves`): a
+path inside the step directory, a possible layout, a known kind with what decoding it
+needs. Leaves larger than ``CROSS_CHECK_BYTES``, or cut into more than
+``CROSS_CHECK_CHUNKS`` chunks, are also checked against their own ``zarr.json`` and the
+listing of their chunks before their memory is allocated, so a record that claims a huge
+array must agree with the array it names and with what its chunks can hold (the chunks
+themselves are verified by checksum as they arrive). A lazy view skips those checks until
+a whole leaf is materialised: slicing a huge leaf reads only what is asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import _leaves, _tree
@@ -29,6 +35,7 @@ from ._format import ArrayLayout
 from ._manifest import Manifest, StepInfo, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
+from ._storage.base import is_relative_key
 from ._sync import run
 from .errors import (
     CheckpointNotFoundError,
@@ -42,7 +49,7 @@ __all__ = [
     "Mismatch",
     "OpenStep",
     "check_alive",
-    "layouts",
+    "check_leaves",
     "materialize",
     "open_step",
     "progress_bar",
@@ -52,8 +59,17 @@ __all__ = [
 
 Mismatch = Literal["error", "warn", "ignore"]
 
-#: Leaves above this size are checked against their own ``zarr.json`` before allocation.
+#: Leaves above this size are checked against their own ``zarr.json`` and their chunk
+#: listing before allocation (one read and one listing per such leaf).
 CROSS_CHECK_BYTES = 64 * 1024 * 1024
+#: ... and so are leaves cut into more chunks than this (a record claiming millions of tiny
+#: chunks would otherwise cost per-chunk work before the first missing one is found).
+CROSS_CHECK_CHUNKS = 4096
+
+#: Leaf kinds (``_leaves.encode``) decoded as the stored array itself.
+_ARRAY_KINDS = frozenset({"ndarray", "jax", "brainpy", "state", "quantity"})
+#: ``py`` leaves: the Python type, and the numpy dtype kinds it can be rebuilt from.
+_PY_TYPES = {"bool": "b", "int": "biu", "float": "biuf", "complex": "biufc"}
 
 
 @contextmanager
@@ -77,6 +93,8 @@ class OpenStep:
     manifest: Manifest
     info: StepInfo
     record: dict[str, Any]
+    #: leaf path -> validated layout, for every leaf of the record
+    layouts: dict[str, ArrayLayout]
 
     @property
     def location(self) -> str:
@@ -94,14 +112,85 @@ def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
     return parse_step_record(data, info, storage.describe(key))
 
 
-def layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
-    """Leaf path -> validated layout, for leaf records of an open step."""
-    out = {}
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_unit(unit: Any, where: str) -> None:
+    """A brainunit unit record (``_leaves._unit_record``) has the fields and types it needs."""
+    ok = (
+        isinstance(unit, dict)
+        and isinstance(unit.get("dim"), list)
+        and len(unit["dim"]) == 7
+        and all(_finite(d) for d in unit["dim"])
+        and type(unit.get("scale")) is int
+        and all(_finite(unit.get(k)) for k in ("base", "factor"))
+        and all(isinstance(unit.get(k), str) for k in ("name", "dispname"))
+    )
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{where}: malformed unit record (expected dim: 7 numbers, scale: int, base and "
+            f"factor: numbers, name and dispname: str), got {unit!r:.160}"
+        )
+
+
+def _check_kind(rec: dict[str, Any], layout: ArrayLayout, where: str) -> None:
+    """What a leaf's kind needs to be decoded (``_leaves.decode``) is in its record."""
+    kind = rec.get("kind", "ndarray")
+    if not isinstance(kind, str) or (
+        kind not in _ARRAY_KINDS and kind not in ("py", "npscalar", "str", "bytes")
+    ):
+        raise CorruptCheckpointError(f"{where}: unknown leaf kind {kind!r:.40}")
+    if kind in ("py", "npscalar") and layout.shape:
+        raise CorruptCheckpointError(
+            f"{where}: a {kind} leaf must be 0-d, got shape {layout.shape}"
+        )
+    if kind == "py":
+        pytype = rec.get("pytype")
+        if not isinstance(pytype, str) or pytype not in _PY_TYPES:
+            raise CorruptCheckpointError(
+                f"{where}: pytype must be one of {', '.join(_PY_TYPES)}, got {pytype!r:.40}"
+            )
+        if layout.dtype.kind not in _PY_TYPES[pytype]:
+            raise CorruptCheckpointError(
+                f"{where}: a Python {pytype} cannot be stored as {layout.dtype}"
+            )
+    elif kind in ("str", "bytes") and (layout.dtype != np.uint8 or len(layout.shape) != 1):
+        raise CorruptCheckpointError(
+            f"{where}: a {kind} leaf must be a 1-d uint8 array, got shape {layout.shape}, "
+            f"{layout.dtype}"
+        )
+    elif kind == "quantity":
+        _check_unit(rec.get("unit"), where)
+
+
+def check_leaves(records: Iterable[Any], where: str) -> dict[str, ArrayLayout]:
+    """Leaf path -> layout for the leaf records of a step record (at ``where``), validated.
+
+    A record may come from a stranger: each path must stay inside the step directory and
+    be used once, each layout must be possible, each kind known and decodable.
+    """
+    out: dict[str, ArrayLayout] = {}
     for rec in records:
         path = rec.get("path") if isinstance(rec, dict) else None
-        if not isinstance(path, str) or not path:
-            raise CorruptCheckpointError(f"malformed leaf record {rec!r:.120}")
-        out[path] = ArrayLayout.from_json(rec, f"leaf {path!r}")
+        if not isinstance(path, str):
+            raise CorruptCheckpointError(f"{where}: malformed leaf record {rec!r:.120}")
+        if not is_relative_key(path):
+            raise CorruptCheckpointError(
+                f"{where}: leaf path {path!r:.120} leaves the step directory (an absolute "
+                "path, a '..' or an empty component); refusing it"
+            )
+        if path in out:
+            raise CorruptCheckpointError(f"{where}: two leaves have the path {path!r:.120}")
+        leaf_where = f"leaf {path!r:.120} ({where})"
+        layout = ArrayLayout.from_json(rec, leaf_where)
+        _check_kind(rec, layout, leaf_where)
+        out[path] = layout
     return out
 
 
@@ -127,12 +216,12 @@ def open_step(
             f"{manifest.step_numbers}"
         )
     record = _read_record(storage, info)
+    where = storage.describe(f"{info.dir}/zarr.json")
     try:
-        layouts(list(_tree.iter_leaf_records(record)))
+        layouts = check_leaves(_tree.iter_leaf_records(record), where)
     except (KeyError, TypeError, AttributeError, RecursionError) as exc:
-        where = storage.describe(f"{info.dir}/zarr.json")
         raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
-    return OpenStep(storage, manifest, info, record)
+    return OpenStep(storage, manifest, info, record, layouts)
 
 
 def check_alive(opened: OpenStep) -> None:
@@ -147,10 +236,14 @@ def check_alive(opened: OpenStep) -> None:
 
 
 async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
+    """Refuse large leaves whose ``zarr.json`` or chunk listing disagree with the record."""
+    storage = opened.storage
+
     async def check(path: str, layout: ArrayLayout) -> None:
-        key = f"{opened.info.dir}/{path}/zarr.json"
-        where = f"leaf {path!r} ({opened.storage.describe(key)})"
-        data = await opened.storage.get(key)
+        leaf_dir = f"{opened.info.dir}/{path}"
+        key = f"{leaf_dir}/zarr.json"
+        where = f"leaf {path!r} ({storage.describe(key)})"
+        data, names = await asyncio.gather(storage.get(key), storage.list_dir(leaf_dir))
         if data is None:
             raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
         try:
@@ -158,8 +251,18 @@ async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None
         except (ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{where}: zarr.json is not valid JSON ({exc})") from None
         layout.check_zarr_json(doc, where)
+        missing = layout.n_chunks - layout.count_chunk_keys(names)
+        if missing:
+            raise CorruptCheckpointError(
+                f"leaf {path!r} ({storage.describe(leaf_dir)}): {missing} of its "
+                f"{layout.n_chunks} chunks are missing"
+            )
 
-    large = [(p, lay) for p, lay in wanted.items() if lay.nbytes > CROSS_CHECK_BYTES]
+    large = [
+        (p, lay)
+        for p, lay in wanted.items()
+        if lay.nbytes > CROSS_CHECK_BYTES or lay.n_chunks > CROSS_CHECK_CHUNKS
+    ]
     await asyncio.gather(*(check(p, lay) for p, lay in large))
 
 
@@ -167,7 +270,7 @@ def read(
     opened: OpenStep, records: list[dict[str, Any]], parallel: bool, verbose: bool
 ) -> dict[str, Any]:
     """Whole leaves of an open step, path -> numpy array."""
-    wanted = layouts(records)
+    wanted = {rec["path"]: opened.layouts[rec["path"]] for rec in records}
     run(_cross_check(opened, wanted))
     total = sum(layout.nbytes for layout in wanted.values())
     start = time.perf_counter()
@@ -189,15 +292,32 @@ def _warn_missing_class(spec: str) -> None:
     )
 
 
+def _rebuild(opened: OpenStep, rec: dict[str, Any], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` (``_leaves.decode``/``restore``): what the record and the data say may
+    still be impossible to rebuild (text that is not UTF-8, a unit brainunit refuses)."""
+    where = f"leaf {rec['path']!r} ({opened.location})"
+    try:
+        return fn(*args)
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(f"{where}: the stored text is not valid UTF-8") from None
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise CorruptCheckpointError(
+            f"{where}: cannot rebuild the saved {rec.get('kind', 'ndarray')} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def materialize(opened: OpenStep, record: dict[str, Any], parallel: bool, verbose: bool) -> Any:
     """The sub-tree ``record`` of an open step, as saved (arrays as numpy)."""
     arrays = read(opened, list(_tree.iter_leaf_records(record)), parallel, verbose)
     return _tree.unflatten(
-        record, lambda rec: _leaves.decode(rec, arrays[rec["path"]]), _warn_missing_class
+        record,
+        lambda rec: _rebuild(opened, rec, _leaves.decode, rec, arrays[rec["path"]]),
+        _warn_missing_class,
     )
 
 
-def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
+def _compare(path: str, value: Any, rec: dict[str, Any], layout: ArrayLayout) -> str | None:
     """Why the saved leaf ``rec`` cannot restore ``value`` (None if it can)."""
     kind = rec.get("kind")
     if isinstance(value, (str, bytes)) or kind in ("str", "bytes"):
@@ -212,7 +332,6 @@ def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
     if described is None:
         return f"{path}: target leaf of type {type(value).__name__} cannot be restored"
     shape, dtype = described
-    layout = ArrayLayout.from_json(rec, f"leaf {path!r}")
     if shape != layout.shape:
         return f"{path}: shape {layout.shape} in the checkpoint, {shape} in the target"
     if dtype != layout.dtype:
@@ -231,7 +350,9 @@ def restore_into(
     for path, value in flat:
         rec = saved.get(path)
         problem = (
-            f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
+            f"{path}: missing from the checkpoint"
+            if rec is None
+            else _compare(path, value, rec, opened.layouts[rec["path"]])
         )
         if problem:
             problems.append(problem)
@@ -255,6 +376,6 @@ def restore_into(
         if path not in wanted:
             return value  # mismatched or missing: the target keeps its value
         rec = wanted[path]
-        return _leaves.restore(value, rec, arrays[rec["path"]])
+        return _rebuild(opened, rec, _leaves.restore, value, rec, arrays[rec["path"]])
 
     return _tree.map_leaves(target, restore)
