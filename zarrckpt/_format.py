@@ -22,6 +22,7 @@ damage, not zeros.
 from __future__ import annotations
 
 import math
+import reprlib
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -35,7 +36,7 @@ import numpy as np
 from . import _dtypes
 from .errors import CorruptCheckpointError
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec", "shown"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("zarrckpt supports little-endian hosts only")
@@ -47,6 +48,15 @@ if sys.byteorder != "little":  # pragma: no cover
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 _COMPRESSORS = {"zstd": (numcodecs.Zstd, 1), "gzip": (numcodecs.GZip, 5)}
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def shown(value: Any) -> str:
+    """``value`` (read from a document) for a message: short, and shallow however deeply
+    the document nests it."""
+    return _REPR.repr(value)
 
 
 def parse_codec(codec: str) -> str:
@@ -184,8 +194,8 @@ class ArrayLayout:
         if found != expected:
             raise CorruptCheckpointError(
                 f"{where}: the step record says shape {self.shape}, {expected[1]}, chunks "
-                f"{self.chunks}; the array's zarr.json says shape {found[0]!s:.100}, "
-                f"{found[1]!s:.40}, chunks {found[2]!s:.100}"
+                f"{self.chunks}; the array's zarr.json says shape {shown(found[0])}, "
+                f"{shown(found[1])}, chunks {shown(found[2])}"
             )
 
     # --- geometry ----------------------------------------------------------------------------

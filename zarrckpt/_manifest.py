@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,15 @@ def parse_step_dir(name: str) -> tuple[int, float, bool] | None:
     return int(match.group(2)), int(match.group(3), 16) / 1000, bool(match.group(1))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: short, and shallow however deeply a document nests it."""
+    return _REPR.repr(value)
+
+
 def checksum(data: bytes) -> int:
     return google_crc32c.value(data)
 
@@ -77,7 +87,7 @@ def checksum(data: bytes) -> int:
 def _int(value: Any, what: str, where: str, upper: int = 2**63) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
         raise CorruptCheckpointError(
-            f"{where}: {what} must be an integer in [0, {upper}), got {value!r:.80}"
+            f"{where}: {what} must be an integer in [0, {upper}), got {_shown(value)}"
         )
     return value
 
@@ -96,7 +106,7 @@ def _zarr_group(doc: dict[str, Any], where: str, what: str) -> None:
     if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
         raise CorruptCheckpointError(
             f"{where}: the {what} is not a Zarr v3 group (zarr_format "
-            f"{doc.get('zarr_format')!r:.20}, node_type {doc.get('node_type')!r:.20})"
+            f"{_shown(doc.get('zarr_format'))}, node_type {_shown(doc.get('node_type'))})"
         )
 
 
@@ -109,7 +119,7 @@ def _zarrckpt_attributes(doc: Any) -> Any:
 def _version(value: Any, what: str, where: str, lowest: int = 1) -> int:
     """A version number (``what``: "manifest", "naming scheme", ...), at least ``lowest``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise CorruptCheckpointError(f"{where}: malformed {what} version {value!r:.80}")
+        raise CorruptCheckpointError(f"{where}: malformed {what} version {_shown(value)}")
     return value
 
 
@@ -141,20 +151,20 @@ class StepInfo:
     def from_json(cls, doc: Any, where: str) -> StepInfo:
         if not isinstance(doc, dict):
             raise CorruptCheckpointError(
-                f"{where}: a step entry must be an object, got {doc!r:.80}"
+                f"{where}: a step entry must be an object, got {_shown(doc)}"
             )
         step = _int(doc.get("step"), "step", where)
         name = doc.get("dir")
         parsed = parse_step_dir(name) if isinstance(name, str) else None
         if parsed is None or parsed[2]:
-            raise CorruptCheckpointError(f"{where}: {name!r:.80} is not a step directory name")
+            raise CorruptCheckpointError(f"{where}: {_shown(name)} is not a step directory name")
         if parsed[0] != step:
             raise CorruptCheckpointError(
                 f"{where}: step {step} is stored in {name!r}, whose name says step {parsed[0]}"
             )
         when = doc.get("time")
         if not _finite(when):
-            raise CorruptCheckpointError(f"{where}: step time must be a number, got {when!r:.80}")
+            raise CorruptCheckpointError(f"{where}: step time must be a number, got {_shown(when)}")
         crc = doc.get("record_crc32c")
         return cls(
             step=step,
@@ -272,7 +282,7 @@ def parse_step_record(data: bytes, info: StepInfo, where: str) -> dict[str, Any]
     step = meta.get("step", info.step)
     if isinstance(step, bool) or not isinstance(step, int) or step != info.step:
         raise CorruptCheckpointError(
-            f"{where}: the step record does not describe step {info.step} (it says {step!r:.40})"
+            f"{where}: the step record does not describe step {info.step} (it says {_shown(step)})"
         )
     _zarr_group(doc, where, "step record")
     tree = meta["tree"]
