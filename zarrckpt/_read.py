@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import _leaves, _tree
 from ._commit import read_manifest
 from ._engine import read_leaves
-from ._format import ArrayLayout
+from ._format import ArrayLayout, shown
 from ._manifest import Manifest, StepInfo, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
@@ -135,7 +135,7 @@ def _check_unit(unit: Any, where: str) -> None:
     if not ok:
         raise CorruptCheckpointError(
             f"{where}: malformed unit record (expected dim: 7 numbers, scale: int, base and "
-            f"factor: numbers, name and dispname: str), got {unit!r:.160}"
+            f"factor: numbers, name and dispname: str), got {shown(unit)}"
         )
 
 
@@ -145,7 +145,7 @@ def _check_kind(rec: dict[str, Any], layout: ArrayLayout, where: str) -> None:
     if not isinstance(kind, str) or (
         kind not in _ARRAY_KINDS and kind not in ("py", "npscalar", "str", "bytes")
     ):
-        raise CorruptCheckpointError(f"{where}: unknown leaf kind {kind!r:.40}")
+        raise CorruptCheckpointError(f"{where}: unknown leaf kind {shown(kind)}")
     if kind in ("py", "npscalar") and layout.shape:
         raise CorruptCheckpointError(
             f"{where}: a {kind} leaf must be 0-d, got shape {layout.shape}"
@@ -154,7 +154,7 @@ def _check_kind(rec: dict[str, Any], layout: ArrayLayout, where: str) -> None:
         pytype = rec.get("pytype")
         if not isinstance(pytype, str) or pytype not in _PY_TYPES:
             raise CorruptCheckpointError(
-                f"{where}: pytype must be one of {', '.join(_PY_TYPES)}, got {pytype!r:.40}"
+                f"{where}: pytype must be one of {', '.join(_PY_TYPES)}, got {shown(pytype)}"
             )
         if layout.dtype.kind not in _PY_TYPES[pytype]:
             raise CorruptCheckpointError(
@@ -169,25 +169,33 @@ def _check_kind(rec: dict[str, Any], layout: ArrayLayout, where: str) -> None:
         _check_unit(rec.get("unit"), where)
 
 
-def check_leaves(records: Iterable[Any], where: str) -> dict[str, ArrayLayout]:
-    """Leaf path -> layout for the leaf records of a step record (at ``where``), validated.
+def check_leaves(record: dict[str, Any], where: str) -> dict[str, ArrayLayout]:
+    """Leaf path -> layout for the leaf records of a tree record (of the step record at
+    ``where``), validated.
 
     A record may come from a stranger: each path must stay inside the step directory and
     be used once, each layout must be possible, each kind known and decodable.
     """
+    try:
+        return _check_leaves(_tree.iter_leaf_records(record), where)
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:  # walking the tree
+        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
+
+
+def _check_leaves(records: Iterable[Any], where: str) -> dict[str, ArrayLayout]:
     out: dict[str, ArrayLayout] = {}
     for rec in records:
         path = rec.get("path") if isinstance(rec, dict) else None
         if not isinstance(path, str):
-            raise CorruptCheckpointError(f"{where}: malformed leaf record {rec!r:.120}")
+            raise CorruptCheckpointError(f"{where}: malformed leaf record {shown(rec)}")
         if not is_relative_key(path):
             raise CorruptCheckpointError(
-                f"{where}: leaf path {path!r:.120} leaves the step directory (an absolute "
+                f"{where}: leaf path {path!r:.300} leaves the step directory (an absolute "
                 "path, a '..' or an empty component); refusing it"
             )
         if path in out:
-            raise CorruptCheckpointError(f"{where}: two leaves have the path {path!r:.120}")
-        leaf_where = f"leaf {path!r:.120} ({where})"
+            raise CorruptCheckpointError(f"{where}: two leaves have the path {path!r:.300}")
+        leaf_where = f"leaf {path!r:.300} ({where})"
         layout = ArrayLayout.from_json(rec, leaf_where)
         _check_kind(rec, layout, leaf_where)
         out[path] = layout
@@ -216,11 +224,7 @@ def open_step(
             f"{manifest.step_numbers}"
         )
     record = _read_record(storage, info)
-    where = storage.describe(f"{info.dir}/zarr.json")
-    try:
-        layouts = check_leaves(_tree.iter_leaf_records(record), where)
-    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
+    layouts = check_leaves(record, storage.describe(f"{info.dir}/zarr.json"))
     return OpenStep(storage, manifest, info, record, layouts)
 
 
