@@ -428,7 +428,11 @@ def _nested(levels):
         tree = json.dumps(meta.pop("tree"))
         deep = '{"type": "list", "children": [' * levels + tree + "]}" * levels
         return json.dumps(
-            {"node_type": "group", "attributes": {"zarrckpt": {**meta, "tree": 0}}}
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {"zarrckpt": {**meta, "tree": 0}},
+            }
         ).replace('"tree": 0', f'"tree": {deep}')
 
     return edit
@@ -445,7 +449,7 @@ def _nested(levels):
      (lambda m: m["tree"].update(children=None),
       "malformed tree record at the root: a dict node needs a 'children' array"),
      (_nested(400), "the tree nests deeper than 256 levels"),
-     (_nested(100_000), "no zarrckpt tree record")],
+     (_nested(100_000), "the step record is not valid JSON (maximum recursion depth")],
 )  # fmt: skip
 def test_hostile_tree_record_in_a_step(local_url, edit, message):
     save(local_url, {"a": np.arange(3), "b": 1})

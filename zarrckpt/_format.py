@@ -11,7 +11,9 @@ TensorStore read every variant:
   leaf's chunks sit beside its ``zarr.json`` and a small leaf costs one directory, not two;
 * codecs ``bytes`` (little-endian), optionally ``zstd`` or ``gzip``, then ``crc32c`` on
   every chunk. Compression uses numcodecs (the codecs zarr-python itself calls), the
-  checksum google-crc32c (zarr-python's own); nothing here reimplements a codec.
+  checksum google-crc32c (zarr-python's own); nothing here reimplements a codec. Reads
+  bound what decompression may produce to one chunk: zstd frames must declare the chunk's
+  size, gzip streams are inflated by ``zlib`` with a limit.
 
 Every chunk is written, also chunks equal to the fill value, so a missing chunk means
 damage, not zeros.
@@ -20,8 +22,10 @@ damage, not zeros.
 from __future__ import annotations
 
 import math
+import reprlib
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +36,7 @@ import numpy as np
 from . import _dtypes
 from .errors import CorruptCheckpointError
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec", "shown"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("zarrckpt supports little-endian hosts only")
@@ -44,6 +48,15 @@ if sys.byteorder != "little":  # pragma: no cover
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 _COMPRESSORS = {"zstd": (numcodecs.Zstd, 1), "gzip": (numcodecs.GZip, 5)}
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def shown(value: Any) -> str:
+    """``value`` (read from a document) for a message: short, and shallow however deeply
+    the document nests it."""
+    return _REPR.repr(value)
 
 
 def parse_codec(codec: str) -> str:
@@ -87,6 +100,32 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tupl
         if inner <= chunk_bytes:
             break
     return tuple(chunks)
+
+
+def _int_tuple(value: Any) -> Any:
+    """A JSON list of integers as a tuple; anything else as it is (it compares unequal)."""
+    if isinstance(value, list) and all(type(n) is int for n in value):
+        return tuple(value)
+    return value
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_content_size(frame: np.ndarray) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, section 3.1.1.1),
+    or None if it declares none (numcodecs always writes it)."""
+    head = frame[:18].tobytes()
+    if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
+        return None
+    descriptor = head[4]
+    single_segment = descriptor >> 5 & 1
+    field = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    if not field or len(head) < start + field:
+        return None
+    size = int.from_bytes(head[start : start + field], "little")
+    return size + 256 if field == 2 else size
 
 
 @dataclass(frozen=True)
@@ -142,10 +181,12 @@ class ArrayLayout:
     def check_zarr_json(self, doc: Any, where: str) -> None:
         """Refuse an array ``zarr.json`` that disagrees with this layout (from the record)."""
         try:
+            if doc["zarr_format"] != 3 or doc["node_type"] != "array":
+                raise TypeError("not a Zarr v3 array")
             found = (
-                tuple(doc["shape"]),
+                _int_tuple(doc["shape"]),
                 doc["data_type"],
-                tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                _int_tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
             )
         except (KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{where}: malformed zarr.json ({exc})") from None
@@ -153,8 +194,8 @@ class ArrayLayout:
         if found != expected:
             raise CorruptCheckpointError(
                 f"{where}: the step record says shape {self.shape}, {expected[1]}, chunks "
-                f"{self.chunks}; the array's zarr.json says shape {found[0]}, {found[1]}, "
-                f"chunks {found[2]}"
+                f"{self.chunks}; the array's zarr.json says shape {shown(found[0])}, "
+                f"{shown(found[1])}, chunks {shown(found[2])}"
             )
 
     # --- geometry ----------------------------------------------------------------------------
@@ -162,6 +203,10 @@ class ArrayLayout:
     @property
     def grid(self) -> tuple[int, ...]:
         return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(self.grid)
 
     @property
     def nbytes(self) -> int:
@@ -177,6 +222,19 @@ class ArrayLayout:
     @staticmethod
     def chunk_key(idx: tuple[int, ...]) -> str:
         return ".".join(("c", *map(str, idx)))
+
+    def count_chunk_keys(self, names: Iterable[str]) -> int:
+        """How many of ``names`` (a directory listing) are keys of this array's chunks."""
+        grid = self.grid
+        count = 0
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "c" or len(parts) != len(grid) + 1:
+                continue
+            digits = parts[1:]
+            if all(d.isascii() and d.isdigit() and (d == "0" or d[0] != "0") for d in digits):
+                count += all(int(d) < n for d, n in zip(digits, grid, strict=True))
+        return count
 
     def chunk_region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(
@@ -307,6 +365,34 @@ class ArrayLayout:
                 f"{where}: crc32c checksum mismatch (the chunk is damaged)"
             )
 
+    def _decompress(self, payload: np.ndarray, where: str) -> bytes:
+        """Decompress a chunk's payload without ever producing more than one chunk's bytes
+        (plus one, to tell a chunk that holds too much): a small file must not make the
+        reader allocate what its header or its content claims (a decompression bomb)."""
+        name = self.codec.split(":")[0]
+        try:
+            if name == "zstd":
+                declared = _zstd_content_size(payload)
+                if declared != self.chunk_nbytes:
+                    raise CorruptCheckpointError(
+                        f"{where}: cannot decompress (the zstd frame declares "
+                        f"{'no size' if declared is None else f'{declared} bytes'}, the chunk "
+                        f"holds {self.chunk_nbytes})"
+                    )
+                return bytes(numcodecs.Zstd().decode(payload))  # allocates what it declares
+            stream = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip, one member
+            raw = stream.decompress(payload, self.chunk_nbytes + 1)
+            if len(raw) <= self.chunk_nbytes and (not stream.eof or stream.unused_data):
+                raise CorruptCheckpointError(
+                    f"{where}: cannot decompress (the gzip stream is truncated or followed "
+                    "by other data)"
+                )
+            return raw
+        except CorruptCheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{where}: cannot decompress ({exc})") from None
+
     def decode_chunk(self, data: bytes | bytearray | memoryview, where: str) -> np.ndarray:
         """A chunk-shaped array from encoded bytes; damage raises naming ``where``."""
         buf = np.frombuffer(data, dtype=np.uint8)
@@ -319,12 +405,7 @@ class ArrayLayout:
                 f"{where}: crc32c checksum mismatch (the chunk is damaged)"
             )
         if self.codec != "none":
-            name, level = self.codec.split(":")
-            try:
-                raw = _COMPRESSORS[name][0](level=int(level)).decode(payload)
-            except Exception as exc:
-                raise CorruptCheckpointError(f"{where}: cannot decompress ({exc})") from exc
-            payload = np.frombuffer(raw, dtype=np.uint8)
+            payload = np.frombuffer(self._decompress(payload, where), dtype=np.uint8)
         if payload.size != self.chunk_nbytes:
             raise CorruptCheckpointError(
                 f"{where}: chunk holds {payload.size} bytes, expected {self.chunk_nbytes}"

@@ -356,6 +356,13 @@ _MAX_NDIM = 64
 _MAX_DIM = 2**62
 
 
+_KINDS = frozenset(
+    {"ndarray", "jax", "brainpy", "state", "quantity", "py", "npscalar", "str", "bytes", "prngkey"}
+)
+#: numpy dtype kinds a Python scalar of each type may be stored as
+_PY_DTYPE_KINDS = {"bool": "b", "int": "biu", "float": "biuf", "complex": "biufc"}
+
+
 def _int_list(value: Any, low: int) -> bool:
     return (
         isinstance(value, list)
@@ -378,9 +385,11 @@ def _check_unit(unit: Any) -> str | None:
     if not isinstance(unit, dict):
         return "a quantity leaf needs a 'unit' object"
     dim = unit.get("dim")
-    if not (isinstance(dim, list) and len(dim) <= 16 and all(_number(d) for d in dim)):
-        return "the unit's 'dim' must be an array of numbers"
-    for field in ("scale", "base", "factor"):
+    if not (isinstance(dim, list) and len(dim) == 7 and all(_number(d) for d in dim)):
+        return "the unit's 'dim' must be an array of 7 numbers (the SI base dimensions)"
+    if type(unit.get("scale")) is not int:
+        return "the unit's 'scale' must be an integer"
+    for field in ("base", "factor"):
         if not _number(unit.get(field)):
             return f"the unit's {field!r} must be a number"
     for field in ("name", "dispname"):
@@ -413,13 +422,19 @@ def check_record(rec: dict[str, Any]) -> str | None:
     kind = rec.get("kind", "ndarray")
     if not isinstance(kind, str):
         return "the leaf's 'kind' must be a string"
+    if kind not in _KINDS:  # a new kind is a new major format version: refuse, never guess
+        return f"unknown leaf kind {kind[:40]!r}"
     for field in ("class", "state"):
         if not isinstance(rec.get(field), (str, type(None))):
             return f"the leaf's {field!r} must be a string"
     if kind in ("py", "npscalar") and layout.shape != ():
         return f"a {kind} leaf must be 0-d, found shape {layout.shape}"
-    if kind == "py" and rec.get("pytype") not in _PY_SCALARS:
-        return f"the leaf's 'pytype' must be one of {sorted(_PY_SCALARS)}"
+    if kind == "py":
+        pytype = rec.get("pytype")
+        if not isinstance(pytype, str) or pytype not in _PY_SCALARS:
+            return f"the leaf's 'pytype' must be one of {sorted(_PY_SCALARS)}"
+        if layout.dtype.kind not in _PY_DTYPE_KINDS[pytype]:
+            return f"a Python {pytype} cannot be stored as {layout.dtype}"
     if kind in ("str", "bytes") and (len(layout.shape) != 1 or layout.dtype != np.uint8):
         return f"a {kind} leaf must be a 1-d uint8 array"
     if kind == "quantity":

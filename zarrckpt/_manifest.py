@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,19 @@ def new_step_dir(step: int) -> str:
 
 def parse_step_dir(name: str) -> tuple[int, float, bool] | None:
     """``(step, creation time, is temporary)`` of a step directory name, or None."""
-    match = _STEP_DIR.match(name)
+    match = _STEP_DIR.fullmatch(name)
     if match is None:
         return None
     return int(match.group(2)), int(match.group(3), 16) / 1000, bool(match.group(1))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: short, and shallow however deeply a document nests it."""
+    return _REPR.repr(value)
 
 
 def checksum(data: bytes) -> int:
@@ -77,7 +87,48 @@ def checksum(data: bytes) -> int:
 def _int(value: Any, what: str, where: str, upper: int = 2**63) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
         raise CorruptCheckpointError(
-            f"{where}: {what} must be an integer in [0, {upper}), got {value!r}"
+            f"{where}: {what} must be an integer in [0, {upper}), got {_shown(value)}"
+        )
+    return value
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a JSON number that a float holds (not bool, NaN, inf or 1e400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _zarr_group(doc: dict[str, Any], where: str, what: str) -> None:
+    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        raise CorruptCheckpointError(
+            f"{where}: the {what} is not a Zarr v3 group (zarr_format "
+            f"{_shown(doc.get('zarr_format'))}, node_type {_shown(doc.get('node_type'))})"
+        )
+
+
+def _zarrckpt_attributes(doc: Any) -> Any:
+    """``attributes.zarrckpt`` of a Zarr group document, or None."""
+    attributes = doc.get("attributes") if isinstance(doc, dict) else None
+    return attributes.get("zarrckpt") if isinstance(attributes, dict) else None
+
+
+def _version(value: Any, what: str, where: str, lowest: int = 1) -> int:
+    """A version number (``what``: "manifest", "naming scheme", ...), at least ``lowest``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise CorruptCheckpointError(f"{where}: malformed {what} version {_shown(value)}")
+    return value
+
+
+def _major(value: Any, what: str, where: str) -> int:
+    """A major format version, refusing a newer one with the remedy."""
+    if _version(value, what, where) > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: {what} format version {str(value)[:40]} is newer than this zarrckpt "
+            f"understands ({FORMAT_VERSION}); upgrade zarrckpt"
         )
     return value
 
@@ -100,18 +151,23 @@ class StepInfo:
     def from_json(cls, doc: Any, where: str) -> StepInfo:
         if not isinstance(doc, dict):
             raise CorruptCheckpointError(
-                f"{where}: a step entry must be an object, got {doc!r:.80}"
+                f"{where}: a step entry must be an object, got {_shown(doc)}"
             )
+        step = _int(doc.get("step"), "step", where)
         name = doc.get("dir")
         parsed = parse_step_dir(name) if isinstance(name, str) else None
         if parsed is None or parsed[2]:
-            raise CorruptCheckpointError(f"{where}: {name!r:.80} is not a step directory name")
+            raise CorruptCheckpointError(f"{where}: {_shown(name)} is not a step directory name")
+        if parsed[0] != step:
+            raise CorruptCheckpointError(
+                f"{where}: step {step} is stored in {name!r}, whose name says step {parsed[0]}"
+            )
         when = doc.get("time")
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
-            raise CorruptCheckpointError(f"{where}: step time must be a number, got {when!r:.80}")
+        if not _finite(when):
+            raise CorruptCheckpointError(f"{where}: step time must be a number, got {_shown(when)}")
         crc = doc.get("record_crc32c")
         return cls(
-            step=_int(doc.get("step"), "step", where),
+            step=step,
             dir=name,
             time=float(when),
             leaves=_int(doc.get("leaves"), "leaves", where),
@@ -172,20 +228,15 @@ class Manifest:
             raise CorruptCheckpointError(
                 f"{where}: the manifest is not valid JSON ({exc})"
             ) from exc
-        attributes = doc.get("attributes") if isinstance(doc, dict) else None
-        meta = attributes.get("zarrckpt") if isinstance(attributes, dict) else None
+        meta = _zarrckpt_attributes(doc)
         if not isinstance(meta, dict) or meta.get("format") != "zarrckpt":
             raise CorruptCheckpointError(
                 f"{where} is not a zarrckpt checkpoint (its zarr.json has no zarrckpt manifest)"
             )
-        version = meta.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise CorruptCheckpointError(f"{where}: malformed manifest version {version!r:.80}")
-        if version > FORMAT_VERSION:
-            raise CorruptCheckpointError(
-                f"{where}: manifest format version {version} is newer than this zarrckpt "
-                f"understands ({FORMAT_VERSION}); upgrade zarrckpt"
-            )
+        version = _major(meta.get("version"), "manifest", where)
+        # A newer minor version only adds fields this reader may ignore; absent: 1.0.
+        _version(meta.get("minor", 0), "manifest minor", where, lowest=0)
+        _zarr_group(doc, where, "manifest")
         raw = meta.get("steps")
         if not isinstance(raw, list):
             raise CorruptCheckpointError(f"{where}: malformed manifest (steps must be a list)")
@@ -204,22 +255,39 @@ def step_record_bytes(step: int, tree: dict[str, Any], naming: int) -> bytes:
 
 
 def parse_step_record(data: bytes, info: StepInfo, where: str) -> dict[str, Any]:
-    """The tree record of a step, after checking it against its manifest entry."""
+    """The tree record of a step, after checking it against its manifest entry.
+
+    Only the envelope is checked here (checksum, JSON, versions, step number); the tree
+    record's containers and leaves are validated by the reader that walks them.
+    """
     if info.record_crc32c is not None and checksum(data) != info.record_crc32c:
         raise CorruptCheckpointError(
             f"{where}: crc32c checksum mismatch (the step record is damaged or was replaced)"
         )
     try:
-        meta = json.loads(data)["attributes"]["zarrckpt"]
-        tree = meta["tree"]
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: no zarrckpt tree record ({exc})") from exc
-    if not isinstance(tree, dict) or meta.get("step", info.step) != info.step:
-        raise CorruptCheckpointError(f"{where}: the step record does not describe step {info.step}")
-    version = meta.get("version", 1)
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(
-            f"{where}: step record version {version} is newer than this zarrckpt understands "
-            f"({FORMAT_VERSION}); upgrade zarrckpt"
+            f"{where}: the step record is not valid JSON ({exc})"
+        ) from None
+    meta = _zarrckpt_attributes(doc)
+    if isinstance(meta, dict):
+        _major(meta.get("version", 1), "step record", where)
+    if not isinstance(meta, dict) or "tree" not in meta:
+        raise CorruptCheckpointError(
+            f"{where}: no zarrckpt tree record (expected a Zarr group whose attributes hold "
+            "zarrckpt.tree)"
+        )
+    _version(meta.get("naming", 1), "naming scheme", where)
+    step = meta.get("step", info.step)
+    if isinstance(step, bool) or not isinstance(step, int) or step != info.step:
+        raise CorruptCheckpointError(
+            f"{where}: the step record does not describe step {info.step} (it says {_shown(step)})"
+        )
+    _zarr_group(doc, where, "step record")
+    tree = meta["tree"]
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(
+            f"{where}: the tree record must be an object, got {type(tree).__name__}"
         )
     return tree

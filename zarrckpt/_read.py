@@ -2,10 +2,14 @@
 
 Everything a reader does starts from the manifest: :func:`open_step` finds the step there,
 reads its record (one request), checks the record's checksum against the manifest entry
-and validates every leaf's layout before anything is allocated. Leaves larger than
-``CROSS_CHECK_BYTES`` are also checked against their own ``zarr.json`` before their memory
-is allocated, so a record that claims a huge array must at least agree with the array it
-names (the chunks themselves are verified by checksum as they arrive).
+and validates every leaf record before anything is allocated (:func:`check_leaves`): a
+path inside the step directory, a possible layout, a known kind with what decoding it
+needs. Leaves larger than ``CROSS_CHECK_BYTES``, or cut into more than
+``CROSS_CHECK_CHUNKS`` chunks, are also checked against their own ``zarr.json`` and the
+listing of their chunks before their memory is allocated, so a record that claims a huge
+array must agree with the array it names and with what its chunks can hold (the chunks
+themselves are verified by checksum as they arrive). A lazy view skips those checks until
+a whole leaf is materialised: slicing a huge leaf reads only what is asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,16 +29,18 @@ from tqdm.auto import tqdm
 from . import _leaves, _tree
 from ._commit import read_manifest
 from ._engine import read_leaves
-from ._format import ArrayLayout
+from ._format import ArrayLayout, shown
 from ._manifest import Manifest, StepInfo, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
+from ._storage.base import is_relative_key
 from ._sync import run
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StructureMismatchError,
     StructureMismatchWarning,
+    ZarrCkptError,
     ZarrCkptWarning,
 )
 
@@ -42,19 +48,25 @@ __all__ = [
     "Mismatch",
     "OpenStep",
     "check_alive",
+    "check_leaves",
+    "cross_check",
     "fetch",
-    "layouts",
     "materialize",
     "open_step",
     "progress_bar",
     "read",
+    "rebuild_leaf",
     "restore_into",
 ]
 
 Mismatch = Literal["error", "warn", "ignore"]
 
-#: Leaves above this size are checked against their own ``zarr.json`` before allocation.
+#: Leaves above this size are checked against their own ``zarr.json`` and their chunk
+#: listing before allocation (one read and one listing per such leaf).
 CROSS_CHECK_BYTES = 64 * 1024 * 1024
+#: ... and so are leaves cut into more chunks than this (a record claiming millions of tiny
+#: chunks would otherwise cost per-chunk work before the first missing one is found).
+CROSS_CHECK_CHUNKS = 4096
 
 
 @contextmanager
@@ -83,6 +95,8 @@ class OpenStep:
     info: StepInfo
     record: dict[str, Any]
     _checked: set[tuple[int, str]] = field(default_factory=set, compare=False, repr=False)
+    #: leaf path -> validated layout, filled as parts of the record are validated
+    layouts: dict[str, ArrayLayout] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def location(self) -> str:
@@ -92,11 +106,12 @@ class OpenStep:
         """``record`` (the sub-tree of this step's record at ``path``), once validated."""
         if (id(self.record), "") in self._checked or (id(record), path) in self._checked:
             return record
+        where = self.storage.describe(f"{self.info.dir}/zarr.json")
         try:
             _tree.validate(record, path)
         except CorruptCheckpointError as exc:
-            where = self.storage.describe(f"{self.info.dir}/zarr.json")
             raise CorruptCheckpointError(f"{where}: {exc}") from None
+        self.layouts.update(check_leaves(record, where))
         self._checked.add((id(record), path))
         return record
 
@@ -112,14 +127,34 @@ def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
     return parse_step_record(data, info, storage.describe(key))
 
 
-def layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
-    """Leaf path -> validated layout, for leaf records of an open step."""
-    out = {}
+def check_leaves(record: dict[str, Any], where: str) -> dict[str, ArrayLayout]:
+    """Leaf path -> layout for the leaf records of a tree record (of the step record at
+    ``where``), validated.
+
+    A record may come from a stranger: each path must stay inside the step directory and
+    be used once, each layout must be possible (the kind rules are ``_leaves.check_record``'s,
+    applied by ``_tree.validate``).
+    """
+    try:
+        return _check_leaves(_tree.iter_leaf_records(record), where)
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:  # walking the tree
+        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
+
+
+def _check_leaves(records: Iterable[Any], where: str) -> dict[str, ArrayLayout]:
+    out: dict[str, ArrayLayout] = {}
     for rec in records:
         path = rec.get("path") if isinstance(rec, dict) else None
-        if not isinstance(path, str) or not path:
-            raise CorruptCheckpointError(f"malformed leaf record {rec!r:.120}")
-        out[path] = ArrayLayout.from_json(rec, f"leaf {path!r}")
+        if not isinstance(path, str):
+            raise CorruptCheckpointError(f"{where}: malformed leaf record {shown(rec)}")
+        if not is_relative_key(path):
+            raise CorruptCheckpointError(
+                f"{where}: leaf path {path!r:.300} leaves the step directory (an absolute "
+                "path, a '..' or an empty component); refusing it"
+            )
+        if path in out:
+            raise CorruptCheckpointError(f"{where}: two leaves have the path {path!r:.300}")
+        out[path] = ArrayLayout.from_json(rec, f"leaf {path!r:.300} ({where})")
     return out
 
 
@@ -180,11 +215,15 @@ def fetch(opened: OpenStep, coro: Any) -> Any:
     return out
 
 
-async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
+async def cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
+    """Refuse large leaves whose ``zarr.json`` or chunk listing disagree with the record."""
+    storage = opened.storage
+
     async def check(path: str, layout: ArrayLayout) -> None:
-        key = f"{opened.info.dir}/{path}/zarr.json"
-        where = f"leaf {path!r} ({opened.storage.describe(key)})"
-        data = await opened.storage.get(key)
+        leaf_dir = f"{opened.info.dir}/{path}"
+        key = f"{leaf_dir}/zarr.json"
+        where = f"leaf {path!r} ({storage.describe(key)})"
+        data, names = await asyncio.gather(storage.get(key), storage.list_dir(leaf_dir))
         if data is None:
             raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
         try:
@@ -192,8 +231,18 @@ async def _cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None
         except (ValueError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{where}: zarr.json is not valid JSON ({exc})") from None
         layout.check_zarr_json(doc, where)
+        missing = layout.n_chunks - layout.count_chunk_keys(names)
+        if missing:
+            raise CorruptCheckpointError(
+                f"leaf {path!r} ({storage.describe(leaf_dir)}): {missing} of its "
+                f"{layout.n_chunks} chunks are missing"
+            )
 
-    large = [(p, lay) for p, lay in wanted.items() if lay.nbytes > CROSS_CHECK_BYTES]
+    large = [
+        (p, lay)
+        for p, lay in wanted.items()
+        if lay.nbytes > CROSS_CHECK_BYTES or lay.n_chunks > CROSS_CHECK_CHUNKS
+    ]
     await asyncio.gather(*(check(p, lay) for p, lay in large))
 
 
@@ -201,8 +250,8 @@ def read(
     opened: OpenStep, records: list[dict[str, Any]], parallel: bool, verbose: bool
 ) -> dict[str, Any]:
     """Whole leaves of an open step, path -> numpy array."""
-    wanted = layouts(records)
-    run(_cross_check(opened, wanted))
+    wanted = {rec["path"]: opened.layouts[rec["path"]] for rec in records}
+    run(cross_check(opened, wanted))
     total = sum(layout.nbytes for layout in wanted.values())
     start = time.perf_counter()
     with progress_bar(total, f"load step {opened.info.step}", verbose) as progress:
@@ -226,6 +275,23 @@ def _warn_missing_class(spec: str) -> None:
     )
 
 
+def rebuild_leaf(opened: OpenStep, rec: dict[str, Any], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` (``_leaves.decode``/``restore``): what the record and the data say may
+    still be impossible to rebuild (text that is not UTF-8, a unit brainunit refuses)."""
+    where = f"leaf {rec['path']!r} ({opened.location})"
+    try:
+        return fn(*args)
+    except ZarrCkptError:
+        raise
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(f"{where}: the stored text is not valid UTF-8") from None
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise CorruptCheckpointError(
+            f"{where}: cannot rebuild the saved {rec.get('kind', 'ndarray')} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def materialize(
     opened: OpenStep, record: dict[str, Any], parallel: bool, verbose: bool, path: str = ""
 ) -> Any:
@@ -233,11 +299,13 @@ def materialize(
     opened.valid(record, path)
     arrays = read(opened, list(_tree.iter_leaf_records(record)), parallel, verbose)
     return _tree.unflatten(
-        record, lambda rec: _leaves.decode(rec, arrays[rec["path"]]), _warn_missing_class
+        record,
+        lambda rec: rebuild_leaf(opened, rec, _leaves.decode, rec, arrays[rec["path"]]),
+        _warn_missing_class,
     )
 
 
-def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
+def _compare(path: str, value: Any, rec: dict[str, Any], layout: ArrayLayout) -> str | None:
     """Why the saved leaf ``rec`` cannot restore ``value`` (None if it can)."""
     kind = rec.get("kind")
     if isinstance(value, (str, bytes)) or kind in ("str", "bytes"):
@@ -252,7 +320,6 @@ def _compare(path: str, value: Any, rec: dict[str, Any]) -> str | None:
     if described is None:
         return f"{path}: target leaf of type {type(value).__name__} cannot be restored"
     shape, dtype = described
-    layout = ArrayLayout.from_json(rec, f"leaf {path!r}")
     if shape != layout.shape:
         return f"{path}: shape {layout.shape} in the checkpoint, {shape} in the target"
     if dtype != layout.dtype:
@@ -274,7 +341,9 @@ def restore_into(
     problems, wanted = [], {}
     for i, (path, value, rec) in enumerate(pairs):
         problem = (
-            f"{path}: missing from the checkpoint" if rec is None else _compare(path, value, rec)
+            f"{path}: missing from the checkpoint"
+            if rec is None
+            else _compare(path, value, rec, opened.layouts[rec["path"]])
         )
         if problem:
             problems.append(problem)
@@ -291,7 +360,11 @@ def restore_into(
         warnings.warn(message, StructureMismatchWarning, stacklevel=3)
     arrays = read(opened, list(wanted.values()), parallel, verbose)
     values = [
-        _leaves.restore(value, wanted[i], arrays[wanted[i]["path"]]) if i in wanted else value
+        rebuild_leaf(
+            opened, wanted[i], _leaves.restore, value, wanted[i], arrays[wanted[i]["path"]]
+        )
+        if i in wanted
+        else value
         for i, (_, value, _) in enumerate(pairs)
     ]  # mismatched or missing leaves keep the target's value
     return _tree.rebuild(target, values)

@@ -1035,15 +1035,34 @@ def validate(record: Any, path: str = "") -> dict[str, Any]:
             continue
         if kind == "none":
             continue
-        if kind not in ("dict", "odict", "list", "tuple", "namedtuple", "pytree", "state"):
-            raise _fail(where, f"unknown node type {_show(kind)}")
-        kids = rec.get("children")
-        if not isinstance(kids, list):
-            raise _fail(where, f"a {kind} node needs a 'children' array")
-        try:
-            name_paths = _entry_names(rec, kind, len(kids))
-        except CorruptCheckpointError as exc:
-            raise _fail(where, str(exc)) from None
-        for child, names in zip(kids, name_paths, strict=True):
-            stack.append((child, _join(where, names), depth + max(1, len(names))))
+        for child, child_path, n_names in _container_entries(rec, where):
+            stack.append((child, child_path, depth + max(1, n_names)))
     return record
+
+
+def _container_entries(rec: dict[str, Any], where: str) -> list[tuple[Any, str, int]]:
+    """``(child, its path, its number of names)`` of a container record, after checking the
+    node's own fields."""
+    kind = rec.get("type")
+    if kind not in ("dict", "odict", "list", "tuple", "namedtuple", "pytree", "state"):
+        raise _fail(where, f"unknown node type {_show(kind)}")
+    kids = rec.get("children")
+    if not isinstance(kids, list):
+        raise _fail(where, f"a {kind} node needs a 'children' array")
+    try:
+        name_paths = _entry_names(rec, kind, len(kids))
+    except CorruptCheckpointError as exc:
+        raise _fail(where, str(exc)) from None
+    return [
+        (child, _join(where, names), len(names))
+        for child, names in zip(kids, name_paths, strict=True)
+    ]
+
+
+def validate_node(record: Any, path: str = "") -> None:
+    """Check one container record's own fields (not its children's): what a lazy reader
+    needs of each container it walks through on the way to one leaf."""
+    if not isinstance(record, dict):
+        raise _fail(path, f"a node must be an object, found {_type_name(record)}")
+    if record.get("type") not in ("leaf", "none"):
+        _container_entries(record, path)

@@ -18,12 +18,23 @@ from typing import Any
 
 import numpy as np
 
-from . import _repr, _tree
+from . import _leaves, _repr, _tree
 from ._commit import read_manifest
 from ._engine import read_selections
 from ._format import ArrayLayout
 from ._indexing import normalize
-from ._read import Mismatch, OpenStep, check_alive, fetch, materialize, open_step, restore_into
+from ._read import (
+    CROSS_CHECK_BYTES,
+    Mismatch,
+    OpenStep,
+    check_alive,
+    cross_check,
+    fetch,
+    materialize,
+    open_step,
+    rebuild_leaf,
+    restore_into,
+)
 from ._sync import run
 from .errors import CheckpointNotFoundError
 
@@ -43,14 +54,17 @@ def open_checkpoint(
 _children = _tree.children
 
 
-def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
-    """The record at ``path`` (``/``-separated, BrainPy dots allowed) and its canonical path."""
+def _resolve(record: dict[str, Any], path: str, base: str = "") -> tuple[dict[str, Any], str]:
+    """The record at ``path`` (``/``-separated, BrainPy dots allowed) below ``record`` (whose
+    own path is ``base``) and its canonical path. Every container walked through is
+    validated on the way (a lazy reader checks what it uses)."""
     segments = [s for s in path.strip("/").split("/") if s] if path else []
     canonical: list[str] = []
 
-    def walk(rec: dict[str, Any], atoms: list[list[str]]) -> dict[str, Any] | None:
+    def walk(rec: dict[str, Any], atoms: list[list[str]], where: str) -> dict[str, Any] | None:
         if not atoms:
             return rec
+        _tree.validate_node(rec, where)
         kids = _children(rec)
         head = atoms[0]
         for n in range(len(head), 0, -1):  # longest dotted run that names a child
@@ -58,13 +72,14 @@ def _resolve(record: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
             for key in (name, _tree.escape(name)):
                 if key in kids:
                     rest = [head[n:], *atoms[1:]] if n < len(head) else atoms[1:]
-                    found = walk(kids[key], rest)
+                    found = walk(kids[key], rest, f"{where}/{key}" if where else key)
                     if found is not None:
                         canonical.insert(0, key)
                         return found
         return None
 
-    found = walk(record, [re.split(r"\.", s) if s not in (".", "..") else [s] for s in segments])
+    atoms = [re.split(r"\.", s) if s not in (".", "..") else [s] for s in segments]
+    found = walk(record, atoms, base)
     if found is None:
         names = _all_paths(record)
         close = difflib.get_close_matches(path.replace(".", "/"), names, n=5, cutoff=0.4)
@@ -125,7 +140,7 @@ class _View:
         return f"{self.path}/{path}" if self.path and path else self.path or path
 
     def __getitem__(self, path: str) -> TreeView | LazyArray:
-        record, canonical = _resolve(self._record, path)
+        record, canonical = _resolve(self._record, path, self.path)
         full = self._full(canonical)
         if record.get("type") == "leaf":
             return LazyArray(self._opened, self._opened.valid(record, full), full)
@@ -133,7 +148,7 @@ class _View:
 
     def __contains__(self, path: object) -> bool:
         try:
-            _resolve(self._record, str(path))
+            _resolve(self._record, str(path), self.path)
         except KeyError:
             return False
         return True
@@ -179,7 +194,7 @@ class _View:
     ) -> Any:
         """Materialise the sub-tree at ``path`` (all of this view by default), like ``load_pytree``."""
         check_alive(self._opened)
-        record, canonical = _resolve(self._record, path) if path else (self._record, "")
+        record, canonical = _resolve(self._record, path, self.path) if path else (self._record, "")
         if target is None:
             return materialize(self._opened, record, parallel, verbose, self._full(canonical))
         prefix = self._full(canonical)
@@ -273,6 +288,9 @@ class LazyArray:
 
     def _read(self, selection: Any) -> np.ndarray:
         sel = normalize(selection, self.shape)
+        if math.prod(sel.shape) * self.dtype.itemsize > CROSS_CHECK_BYTES:
+            # a large read allocates first: the record must agree with the array it names
+            run(cross_check(self._opened, {self._record["path"]: self._layout}))
         request = {self._record["path"]: (self._layout, sel)}
         read = read_selections(self._opened.storage, self._opened.info.dir, request)
         return fetch(self._opened, read)[self._record["path"]]
@@ -286,9 +304,10 @@ class LazyArray:
 
     def load(self) -> Any:
         """The whole leaf as saved (a Python scalar stays a scalar, a Quantity keeps its unit)."""
-        from . import _leaves
 
-        return _leaves.decode(self._record, self._read(()))
+        return rebuild_leaf(
+            self._opened, self._record, _leaves.decode, self._record, self._read(())
+        )
 
     def iter_chunks(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         """``(region, values)`` for each chunk in order; memory stays at one chunk."""

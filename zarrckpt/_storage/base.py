@@ -16,24 +16,32 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError, StoreError, ZarrCkptError
 
-__all__ = ["Storage", "check_key"]
+__all__ = ["Storage", "check_key", "is_relative_key"]
 
 
-def check_key(url: str, key: str) -> str:
-    """``key`` if it names something inside the root, else :class:`CorruptCheckpointError`.
+def is_relative_key(key: str) -> bool:
+    """Whether ``key`` names something strictly inside a directory, on every backend.
 
     Keys come from checkpoint data (the manifest's step directories, the record's leaf
-    paths), which may have been written by a stranger: an absolute path, a ``..`` or an
-    empty component must never reach a filesystem or a bucket.
+    paths), which may have been written by a stranger: an absolute path, a ``..``, an empty
+    component, a backslash (a separator on Windows) or a NUL must never reach a filesystem
+    or a bucket.
     """
-    if key and (
-        key.startswith("/")
+    return not (
+        not key
+        or key.startswith("/")
         or "\\" in key
         or "\x00" in key
         or any(part in ("", ".", "..") for part in key.split("/"))
-    ):
+    )
+
+
+def check_key(url: str, key: str) -> str:
+    """``key`` if it names something inside the root (``""``: the root itself), else
+    :class:`CorruptCheckpointError`."""
+    if key and not is_relative_key(key):
         raise CorruptCheckpointError(
-            f"{url}: refusing key {key!r}, which leaves the checkpoint root"
+            f"{url}: refusing key {key!r:.200}, which leaves the checkpoint root"
         )
     return key
 

@@ -23,8 +23,10 @@ reading that their step directory still exists under its name, so a recycled ste
 never read silently (:meth:`LocalStorage.step_exists`).
 
 Reads never leave the root: keys are checked (:func:`~.base.check_key`) and every opened
-file's real path is compared with the root's, so a symbolic link planted in a downloaded
-checkpoint cannot make zarrckpt read ``/etc/passwd``.
+file's (and listed directory's) real path is compared with the root's before anything is
+read from it, so a symbolic link planted in a downloaded checkpoint cannot make zarrckpt
+read ``/etc/passwd``. Files are opened ``O_NONBLOCK | O_NOCTTY`` and must be regular
+files, so a FIFO or a device planted there neither hangs the reader nor feeds it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .._sync import batch_executor
 from ..errors import CorruptCheckpointError
@@ -153,36 +155,56 @@ class LocalStorage(Storage):
 
     # --- reads (confined to the root) ------------------------------------------------------
 
-    def _confine(self, fd: int, path: str) -> None:
-        """Refuse an opened file whose real location is outside the root (a symlink)."""
+    def _check_inside(self, real: str, path: str) -> None:
+        """Refuse ``path`` if its real location ``real`` is outside the root (a symlink)."""
         if self._real_root is None:
-            self._real_root = os.path.realpath(self.root) + os.sep
-        real = os.readlink(f"/proc/self/fd/{fd}") if _PROC_FD else os.path.realpath(path)
-        if not real.startswith(self._real_root):
-            os.close(fd)
+            self._real_root = os.path.join(os.path.realpath(self.root), "")
+        if not os.path.join(real, "").startswith(self._real_root):
             raise CorruptCheckpointError(
                 f"{path} resolves to {real}, outside the checkpoint root {self.url}; "
                 "refusing to read it (a symbolic link in the checkpoint?)"
             )
 
+    def _confine(self, fd: int, path: str) -> None:
+        """Refuse an opened file or directory whose real location is outside the root."""
+        real = os.readlink(f"/proc/self/fd/{fd}") if _PROC_FD else os.path.realpath(path)
+        self._check_inside(real, path)
+
+    def _open_failed(self, path: str, exc: OSError) -> NoReturn:
+        """Raise the right error for a failed open: the checkpoint's fault or the store's."""
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise CorruptCheckpointError(
+                f"{path}: {exc.strerror} (a loop of symbolic links, or a name no checkpoint "
+                "can have); refusing to read it"
+            ) from None
+        self._check_inside(os.path.realpath(path), path)  # e.g. a link to an unreadable file
+        raise exc
+
     def _open_read(self, key: str) -> int | None:
         """An fd for reading ``key``, or None if it is missing or a directory.
 
         ``O_NONBLOCK`` and the regular-file check keep a FIFO or a device planted in a
-        checkpoint from hanging or feeding the reader.
+        checkpoint from hanging or feeding the reader (``O_NOCTTY``: a terminal never
+        becomes the process's controlling one).
         """
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-        self._confine(fd, path)
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        except OSError as exc:
+            self._open_failed(path, exc)
+        try:
+            self._confine(fd, path)
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                if stat.S_ISDIR(mode):
+                    os.close(fd)
+                    return None
+                raise CorruptCheckpointError(f"{path} is not a regular file; refusing to read it")
+        except BaseException:
             os.close(fd)
-            if stat.S_ISDIR(mode):
-                return None
-            raise CorruptCheckpointError(f"{path} is not a regular file; refusing to read it")
+            raise
         return fd
 
     def _get(self, key: str) -> bytes | None:
@@ -275,10 +297,18 @@ class LocalStorage(Storage):
         await self._run("writing", key, self._put_atomic, key, data)
 
     def _list_dir(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
         try:
-            return sorted(os.listdir(self._path(prefix)))
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            self._open_failed(path, exc)
+        try:
+            self._confine(fd, path)
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
 
     async def list_dir(self, prefix: str = "") -> list[str]:
         return await self._run("listing", prefix, self._list_dir, prefix)
