@@ -7,6 +7,7 @@ scheduled with hooks on the protocol's own functions (``_commit.publish``,
 """
 
 import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ def make_state(who: str, round_: int) -> dict:
         "who": who,
         "round": round_,
         "noise": rng.standard_normal(5000).astype(np.float32),
-        "ids": {f"x{k}": np.full(64, seed + k, np.int64) for k in range(8)},
+        "ids": {f"x{k}": np.full(64, seed + k, np.int64) for k in range(4)},
     }
 
 
@@ -76,14 +77,16 @@ def committed_dirs(url, options=None) -> dict[str, int]:
 WRITER = textwrap.dedent(
     """
     import asyncio, json, os, random, sys, time
+    import numpy as np
     import zarrckpt, zarrckpt._commit as commit
-    from test_concurrency import make_state
 
     cfg = json.loads(sys.argv[1])
     who, n, barrier = cfg["who"], cfg["writers"], cfg["barrier"]
     rng = random.Random(cfg["seed"])
     current = {"round": None}
     original = commit.publish
+
+    # MAKE_STATE
 
     def arrive(tag):
         open(os.path.join(barrier, f"{tag}.{who}"), "w").close()
@@ -122,6 +125,8 @@ WRITER = textwrap.dedent(
         print(json.dumps(out), flush=True)
     """
 )
+# make_state's own source (importing this module would import pytest in every writer)
+WRITER = WRITER.replace("# MAKE_STATE", inspect.getsource(make_state))
 KEEP_DEFAULT = "default"
 
 
