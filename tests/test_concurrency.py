@@ -311,15 +311,16 @@ def _value(url, step):
     return int(zarrckpt.load_pytree(url, step=step)["v"][0])
 
 
-def _check_race(race: CollectionRace, url: str) -> None:
+def _check_race(race: CollectionRace, url: str, keep) -> None:
     assert race.a_done.is_set()
     (listing,) = race.listings
     dirs = committed_dirs(url)
     a_dir = next(d for d, s in dirs.items() if s == race.a)
     # The interleaving happened as intended: B's listing included A's (then leased) directory.
     assert a_dir in listing, (a_dir, listing)
-    assert zarrckpt.list_steps(url) == [0, 1, 2]
-    assert [_value(url, s) for s in (0, 1, 2)] == [0, 10, 20]
+    expected = {0: 0, 1: 10, 2: 20} if keep is None else {2: 20}  # keep=1: A's step alone
+    assert zarrckpt.list_steps(url) == list(expected)
+    assert {s: _value(url, s) for s in expected} == expected
     present = root_entries(url)
     assert set(dirs) <= present, f"committed step directories missing: {set(dirs) - present}"
     assert present == set(dirs)
@@ -333,16 +334,21 @@ def root(request, tmp_path):
 
 
 def _save(url, value, **kw):
-    return zarrckpt.save_pytree(url, {"v": np.full(3, value)}, keep=None, verbose=False, **kw)
+    kw.setdefault("keep", None)
+    return zarrckpt.save_pytree(url, {"v": np.full(3, value)}, verbose=False, **kw)
 
 
-def test_collection_never_deletes_a_step_committed_during_it(root, monkeypatch):
+race_keep = pytest.mark.parametrize("keep", [None, 1], ids=["keep_all", "keep_1"])
+
+
+@race_keep
+def test_collection_never_deletes_a_step_committed_during_it(root, keep, monkeypatch):
     _save(root, 0)
     errors = []
 
     def a_save():
         try:
-            _save(root, 20)
+            _save(root, 20, keep=keep)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -352,22 +358,23 @@ def test_collection_never_deletes_a_step_committed_during_it(root, monkeypatch):
         threading.Thread(target=a_save, daemon=True).start()
 
     race = CollectionRace(monkeypatch, b=1, a=2, start_a=start_a)
-    _save(root, 10)  # B, in this thread; A runs in another, inside B's collection
+    _save(root, 10, keep=keep)  # B, in this thread; A runs in another, inside B's collection
     assert not errors, errors
-    _check_race(race, root)
+    _check_race(race, root, keep)
 
 
-def test_foreground_save_during_a_background_collection(root, monkeypatch):
+@race_keep
+def test_foreground_save_during_a_background_collection(root, keep, monkeypatch):
     _save(root, 0)
     race = CollectionRace(monkeypatch, b=1, a=2, start_a=lambda: None)
     with zarrckpt.AsyncManager() as manager:
-        _save(root, 10, async_manager=manager)  # B, in the background
+        _save(root, 10, keep=keep, async_manager=manager)  # B, in the background
         _wait(race.b_published, "the background save to commit")
         try:
-            _save(root, 20)  # A: a plain save from this thread while B collects
+            _save(root, 20, keep=keep)  # A: a plain save from this thread while B collects
         finally:
             race.a_done.set()
-    _check_race(race, root)
+    _check_race(race, root, keep)
 
 
 def test_collection_never_deletes_another_writers_manifest_in_flight(local_url, monkeypatch):
