@@ -6,8 +6,10 @@ step is missing data; ``overwrite=False`` errors exactly when the model says it 
 """
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -54,6 +56,14 @@ def check_tree(tree: dict, value: int) -> None:
     }
 
 
+@functools.cache
+def _scratch() -> str:
+    """One directory for every machine's root, removed at exit (whatever teardown missed)."""
+    path = tempfile.mkdtemp(prefix="zarrckpt-stateful-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 class SimulatedCrash(OSError):
     pass
 
@@ -87,7 +97,7 @@ class CheckpointMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         if self.backend == "local":
-            self.tmp = tempfile.mkdtemp(prefix="zarrckpt-stateful-")
+            self.tmp = tempfile.mkdtemp(dir=_scratch())
             self.url = os.path.join(self.tmp, "ckpt")
         else:
             self.tmp = None
