@@ -30,7 +30,12 @@ def child_env() -> dict:
 
 
 def root_entries(url) -> set[str]:
-    return set(run(open_storage(url).list_dir(""))) - ROOT_FILES
+    """Everything directly under the root except the manifest, the lock file and the one
+    spare that local recycling may keep (the saving process's own, never more)."""
+    names = set(run(open_storage(url).list_dir(""))) - ROOT_FILES
+    spares = {n for n in names if n.startswith(".spare-")}
+    assert len(spares) <= 1, f"more than one spare: {spares}"
+    return names - spares
 
 
 def committed_dirs(url) -> set[str]:

@@ -129,7 +129,11 @@ class CheckpointMachine(RuleBasedStateMachine):
         return number, steps
 
     def entries(self) -> set[str]:
-        return set(run(open_storage(self.url).list_dir(""))) - ROOT_FILES
+        """Root entries but the manifest, the lock and recycling's one spare (at most one)."""
+        names = set(run(open_storage(self.url).list_dir(""))) - ROOT_FILES
+        spares = {n for n in names if n.startswith(".spare-")}
+        assert len(spares) <= 1, f"more than one spare: {spares}"
+        return names - spares
 
     def committed(self) -> set[str]:
         manifest = run(read_manifest(open_storage(self.url)))

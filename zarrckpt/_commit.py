@@ -183,11 +183,10 @@ async def collect_garbage(
         if name in dropped:
             if not (recycle and await storage.make_spare(name)):
                 dead.append(name)
-        elif parsed is not None and name not in live:
-            if await storage.lease_expired(name, parsed[1]):
-                (dead if spare else candidates).append(name)  # spares are never listed
-        elif name.startswith(MANIFEST_KEY + ".") and name.endswith(".partial"):
-            dead.append(name)  # a crashed local commit's temporary manifest
+        elif (
+            parsed is not None and name not in live and await storage.lease_expired(name, parsed[1])
+        ):
+            (dead if spare else candidates).append(name)  # spares are never listed
     if candidates:
         current = await read_manifest(storage)  # after the lease checks: see the docstring
         listed = current.dirs if current else set()

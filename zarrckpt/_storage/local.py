@@ -137,6 +137,7 @@ class LocalStorage(Storage):
     conditional_writes = leases = fcntl is not None
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.leases = self.conditional_writes = fcntl is not None  # per instance: see _flock
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
         self._leases: dict[str, int] = {}
@@ -334,7 +335,8 @@ class LocalStorage(Storage):
 
     def _flock(self, fd: int, flags: int) -> bool:
         """Lock ``fd``; False where this filesystem has no working flock (then no more tries)."""
-        if not self.leases:
+        if not self.leases or fcntl is None:
+            self.leases = self.conditional_writes = False
             return False
         try:
             fcntl.flock(fd, flags)
@@ -349,13 +351,23 @@ class LocalStorage(Storage):
         os.makedirs(self.root, exist_ok=True)
         fd = os.open(self._path(_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self._flock(fd, fcntl.LOCK_EX if fcntl else 0)
+            locked = self._flock(fd, fcntl.LOCK_EX if fcntl else 0)
             if self._get(key) != token:
                 return False
+            if locked:  # no other publisher is between its temp file and its rename now
+                self._remove_crashed_partials(key)
             self._put_atomic(key, data)
             return True
         finally:
             os.close(fd)  # releases the lock
+
+    def _remove_crashed_partials(self, key: str) -> None:
+        """Temp files of commits that crashed before their rename (``_put_atomic``)."""
+        parent, name = os.path.split(self._path(key))
+        for entry in os.listdir(parent):
+            if entry.startswith(name + ".") and entry.endswith(".partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, entry))
 
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
         return await self._run("committing", key, self._put_if_unchanged, key, data, token)
