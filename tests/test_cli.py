@@ -286,6 +286,21 @@ def test_verify_reads_big_leaves_in_slabs(tmp_path, capsys, monkeypatch):
     assert "c.4.0" in doc["steps"][0]["damaged"][0]["error"]
 
 
+def test_diff_compares_big_leaves_slab_by_slab(tmp_path, capsys, monkeypatch):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    big = np.arange(64 * 100, dtype=np.float64).reshape(64, 100)
+    changed = big.copy()
+    changed[30, 7] += 0.5  # in the second slab
+    changed[63, 0] -= 2.0  # in the last
+    zarrckpt.save_pytree(a, {"big": big}, chunk_bytes=8 * 800, verbose=False)
+    zarrckpt.save_pytree(b, {"big": changed}, chunk_bytes=16 * 800, verbose=False)  # other chunks
+    monkeypatch.setattr(cli, "BATCH_BYTES", 20_000)
+    _, doc = zc_json(capsys, "diff", a, b)
+    assert doc["changed"] == [
+        {"path": "big", "reasons": ["values"], "max_abs_diff": 2.0, "n_different": 2}
+    ]
+
+
 def test_verify_a_damaged_step_record(root, capsys):
     record = _step_dir(root, 2) / "zarr.json"
     record.write_bytes(record.read_bytes().replace(b'"epoch_i"', b'"epoch_j"'))

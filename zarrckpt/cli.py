@@ -139,8 +139,8 @@ def _open(args: argparse.Namespace, url: str, step: int | None, side: str = "") 
     return opened
 
 
-def _leaf_records(opened: OpenStep, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return list(_tree.iter_leaf_records(opened.record if record is None else record))
+def _leaf_records(opened: OpenStep) -> list[dict[str, Any]]:
+    return list(_tree.iter_leaf_records(opened.record))
 
 
 def _layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
