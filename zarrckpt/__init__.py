@@ -10,6 +10,7 @@ Drop-in for ``bp.checkpoints``::
 from . import _dtypes  # noqa: F401  (registers bfloat16 & co. with zarr-python)
 from ._async import AsyncManager
 from ._brainpy import StateLoadResult, load_module, save_module
+from ._convert import convert_msgpack
 from .api import latest_step, list_steps, load_pytree, save_pytree
 from .checkpoint import Checkpoint, LazyArray, TreeView, open_checkpoint
 from .errors import (
@@ -50,6 +51,7 @@ __all__ = [
     "ZarrCkptError",
     "ZarrCkptWarning",
     "__version__",
+    "convert_msgpack",
     "latest_step",
     "list_steps",
     "load_module",

@@ -15,8 +15,15 @@ from typing import Any, ClassVar
 
 import ml_dtypes
 import numpy as np
-from zarr.core.dtype import ZDType, data_type_registry
-from zarr.core.dtype.common import DataTypeValidationError, HasEndianness, HasItemSize
+from zarr.dtype import ZDType, data_type_registry
+
+try:  # public since zarr 3.2 (zarr 3.4 deprecates the zarr.core and zarr.dtype spellings)
+    from zarr.errors import DataTypeValidationError
+except ImportError:  # zarr 3.1
+    from zarr.dtype import DataTypeValidationError
+
+# No public path in any zarr release yet: the mix-ins a fixed-size, byte-ordered dtype needs.
+from zarr.core.dtype.common import HasEndianness, HasItemSize
 
 __all__ = ["fill_value_json", "is_supported", "native_dtype", "zarr_name"]
 
