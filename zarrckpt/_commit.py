@@ -68,6 +68,7 @@ from .errors import ConcurrentWriteError, SingleWriterWarning
 __all__ = [
     "collect_garbage",
     "commit_step",
+    "find_garbage",
     "publish",
     "read_manifest",
     "read_manifest_versioned",
@@ -162,18 +163,16 @@ async def commit_step(
     return new, None
 
 
-async def collect_garbage(
+async def find_garbage(
     storage: Storage,
     dropped: set[str] = frozenset(),  # type: ignore[assignment]
     live: set[str] = frozenset(),  # type: ignore[assignment]
-    recycle: bool = False,
 ) -> list[str]:
-    """Step 6: delete ``dropped`` step directories and debris; returns the deleted names.
+    """What step 6 collects, read-only: ``dropped`` step directories and debris.
 
     ``live`` are directories known to be committed (skipped without a look). Every other
-    step directory is deleted if its lease has expired and the manifest, read after the
-    lease checks, does not list it. Spares whose owner is gone are deleted; with
-    ``recycle``, the first dropped directory becomes this process's spare instead.
+    step directory is garbage if its lease has expired and the manifest, read after the
+    lease checks, does not list it; so are spares whose owning process is gone.
     """
     names = await storage.list_dir("")
     dead, candidates = [], []
@@ -181,8 +180,7 @@ async def collect_garbage(
         spare = name.startswith(_SPARE)
         parsed = parse_step_dir(name[len(_SPARE) :] if spare else name)
         if name in dropped:
-            if not (recycle and await storage.make_spare(name)):
-                dead.append(name)
+            dead.append(name)
         elif (
             parsed is not None and name not in live and await storage.lease_expired(name, parsed[1])
         ):
@@ -191,6 +189,21 @@ async def collect_garbage(
         current = await read_manifest(storage)  # after the lease checks: see the docstring
         listed = current.dirs if current else set()
         dead += [n for n in candidates if n not in listed]
-    for name in dead:
+    return sorted(dead)
+
+
+async def collect_garbage(
+    storage: Storage,
+    dropped: set[str] = frozenset(),  # type: ignore[assignment]
+    live: set[str] = frozenset(),  # type: ignore[assignment]
+    recycle: bool = False,
+) -> list[str]:
+    """Step 6: delete what :func:`find_garbage` finds; returns the deleted names. With
+    ``recycle``, the first dropped directory becomes this process's spare instead."""
+    deleted = []
+    for name in await find_garbage(storage, dropped, live):
+        if name in dropped and recycle and await storage.make_spare(name):
+            continue
         await storage.delete_dir(name)
-    return dead
+        deleted.append(name)
+    return deleted

@@ -42,11 +42,11 @@ import google_crc32c
 import numpy as np
 
 from . import __version__, _tree
-from ._commit import collect_garbage, read_manifest
+from ._commit import collect_garbage, find_garbage, read_manifest
 from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout, parse_codec
 from ._indexing import normalize
-from ._manifest import MANIFEST_KEY, parse_step_dir
+from ._manifest import parse_step_dir
 from ._read import OpenStep, fetch, open_step
 from ._storage import Storage, open_storage
 from ._sync import run
@@ -713,33 +713,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 # --- gc -----------------------------------------------------------------------------------------
 
 
-async def find_debris(storage: Storage) -> list[str]:
-    """What :func:`~zarrckpt._commit.collect_garbage` would delete now, read-only: unlisted
-    step directories and spares whose lease has expired, and crashed commits' ``.partial``
-    manifests. Leases are checked before the manifest is read, as the collector does."""
-    names = await storage.list_dir("")
-    dead, candidates = [], []
-    for name in names:
-        spare = name.startswith(_SPARE)
-        parsed = parse_step_dir(name[len(_SPARE) :] if spare else name)
-        if parsed is not None:
-            if await storage.lease_expired(name, parsed[1]):
-                (dead if spare else candidates).append(name)
-        elif name.startswith(MANIFEST_KEY + ".") and name.endswith(".partial"):
-            dead.append(name)
-    if candidates:
-        current = await read_manifest(storage)
-        listed = current.dirs if current else set()
-        dead += [n for n in candidates if n not in listed]
-    return sorted(dead)
-
-
 def _cmd_gc(args: argparse.Namespace) -> int:
     storage = open_storage(args.url, _options(args, args.url), read_only=args.dry_run)
     if storage.is_file():
         raise CorruptCheckpointError(f"{storage.url} is a file, not a zarrckpt checkpoint")
     manifest = run(read_manifest(storage))  # refuses a damaged manifest before deleting
-    debris = run(find_debris(storage))
+    debris = run(find_garbage(storage))
     if manifest is None and not debris:
         raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
     if not args.dry_run and debris:
