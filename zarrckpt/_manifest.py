@@ -47,6 +47,7 @@ __all__ = [
     "StepInfo",
     "checksum",
     "new_step_dir",
+    "parse_json",
     "parse_step_dir",
     "parse_step_record",
     "step_record_bytes",
@@ -78,6 +79,14 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
 def _shown(value: Any) -> str:
     """``value`` for a message: short, and shallow however deeply a document nests it."""
     return _REPR.repr(value)
+
+
+def parse_json(data: bytes, where: str, what: str) -> Any:
+    """``data`` parsed, or :class:`CorruptCheckpointError` naming ``where`` and ``what`` it is."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: {what} is not valid JSON ({exc})") from None
 
 
 def checksum(data: bytes) -> int:
@@ -222,12 +231,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise CorruptCheckpointError(
-                f"{where}: the manifest is not valid JSON ({exc})"
-            ) from exc
+        doc = parse_json(data, where, "the manifest")
         meta = _zarrckpt_attributes(doc)
         if not isinstance(meta, dict) or meta.get("format") != "zarrckpt":
             raise CorruptCheckpointError(
@@ -264,12 +268,7 @@ def parse_step_record(data: bytes, info: StepInfo, where: str) -> dict[str, Any]
         raise CorruptCheckpointError(
             f"{where}: crc32c checksum mismatch (the step record is damaged or was replaced)"
         )
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(
-            f"{where}: the step record is not valid JSON ({exc})"
-        ) from None
+    doc = parse_json(data, where, "the step record")
     meta = _zarrckpt_attributes(doc)
     if isinstance(meta, dict):
         _major(meta.get("version", 1), "step record", where)

@@ -15,7 +15,6 @@ a whole leaf is materialised: slicing a huge leaf reads only what is asked for.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 import warnings
@@ -30,7 +29,7 @@ from . import _leaves, _tree
 from ._commit import read_manifest
 from ._engine import read_leaves
 from ._format import ArrayLayout, shown
-from ._manifest import Manifest, StepInfo, parse_step_record
+from ._manifest import Manifest, StepInfo, parse_json, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
 from ._storage.base import is_relative_key
@@ -226,10 +225,7 @@ async def cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
         data, names = await asyncio.gather(storage.get(key), storage.list_dir(leaf_dir))
         if data is None:
             raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise CorruptCheckpointError(f"{where}: zarr.json is not valid JSON ({exc})") from None
+        doc = parse_json(data, where, "zarr.json")
         layout.check_zarr_json(doc, where)
         missing = layout.n_chunks - layout.count_chunk_keys(names)
         if missing:

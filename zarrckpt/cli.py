@@ -46,8 +46,9 @@ from ._commit import collect_garbage, find_garbage, read_manifest
 from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout, parse_codec
 from ._indexing import normalize
-from ._manifest import parse_step_dir
+from ._manifest import parse_json, parse_step_dir
 from ._read import OpenStep, fetch, open_step
+from ._repr import human
 from ._storage import Storage, open_storage
 from ._sync import run
 from .api import load_pytree, save_pytree
@@ -68,14 +69,6 @@ class UsageError(Exception):
 
 
 # --- small helpers ------------------------------------------------------------------------------
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _iso(timestamp: float) -> str:
@@ -243,12 +236,7 @@ async def _check_zarr_jsons(opened: OpenStep, layouts: dict[str, ArrayLayout]) -
         try:
             if data is None:
                 raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
-            try:
-                doc = json.loads(data)
-            except (ValueError, RecursionError) as exc:
-                raise CorruptCheckpointError(
-                    f"{where}: zarr.json is not valid JSON ({exc})"
-                ) from None
+            doc = parse_json(data, where, "zarr.json")
             layout.check_zarr_json(doc, where)
         except CorruptCheckpointError as exc:
             errors[path] = str(exc)
@@ -283,7 +271,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     width = max(4, len(str(steps[-1]["step"])))
     print(f"{'step':>{width}}  {'time (UTC)':<20}  {'leaves':>7}  {'size':>10}")
     for s in steps:
-        print(f"{s['step']:>{width}}  {s['time']:<20}  {s['leaves']:>7}  {_human(s['nbytes']):>10}")
+        print(f"{s['step']:>{width}}  {s['time']:<20}  {s['leaves']:>7}  {human(s['nbytes']):>10}")
     return 0
 
 
@@ -333,7 +321,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         return 0
     title = ckpt.location + (f" :: {args.path}" if args.path else "")
     print(
-        f"{title} (step {ckpt.step}): {_leaves(len(leaves))}, {_human(sum(x.nbytes for x in leaves))}"
+        f"{title} (step {ckpt.step}): {_leaves(len(leaves))}, {human(sum(x.nbytes for x in leaves))}"
     )
     rows: list[tuple[str, Any]] = []
 
@@ -359,7 +347,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
             kind = "" if leaf.kind in ("ndarray", "jax") else f"  [{leaf.kind}]"
             print(
                 f"{name:<{width}}  {_shape(leaf.shape):>12} {leaf.dtype!s:<9} "
-                f"{_human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}{kind}"
+                f"{human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}{kind}"
             )
     return 0
 
@@ -399,7 +387,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     for key, value in doc.items():
         if key == "nbytes":
-            value = f"{value} ({_human(value)})"
+            value = f"{value} ({human(value)})"
         elif key in ("shape", "chunks"):
             value = _shape(value)
         elif isinstance(value, dict):
@@ -561,7 +549,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"url": storage.url, "ok": ok, "steps": [c.to_json() for c in checks]})
         return 0 if ok else 1
     for c in checks:
-        head = f"step {c.step}: {_leaves(c.leaves)}, {_human(c.nbytes)}, {c.chunks} chunks"
+        head = f"step {c.step}: {_leaves(c.leaves)}, {human(c.nbytes)}, {c.chunks} chunks"
         if c.error:
             print(f"step {c.step}: DAMAGED: {c.error}")
         elif c.damaged:
@@ -831,7 +819,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        size = f", {_leaves(info.leaves)}, {_human(info.nbytes)}" if info else ""
+        size = f", {_leaves(info.leaves)}, {human(info.nbytes)}" if info else ""
         print(f"{args.src} -> {location} (step {step}{size})")
     return 0
 
