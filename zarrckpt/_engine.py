@@ -234,7 +234,7 @@ async def write_step(
                     yield job
         for leaf in leaves:
             layout = leaf.layout
-            meta = _json_bytes(layout.zarr_json(leaf.attributes))
+            meta = _json_bytes(layout.zarr_json(leaf.attributes, leaf.path))
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
             skip_meta = f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:

@@ -259,8 +259,23 @@ class ArrayLayout:
         codecs.append({"name": "crc32c"})
         return codecs
 
-    def zarr_json(self, attributes: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
+    def dimension_names(self, path: str) -> list[str]:
+        """``<path>_0``, ``<path>_1``, ... for the leaf stored at ``path`` in its step
+        (``W_0``, ``net/l1/W_1``; none for a 0-d array).
+
+        Leaf paths are unique and a trailing ``_<digits>`` splits a dimension name back into
+        exactly one path and axis, so no two arrays of a step share a dimension: every group
+        opens as an xarray ``Dataset``, and a whole step as a ``DataTree`` (which requires
+        a dimension seen in a group and in one of its ancestors to have one size)."""
+        return [f"{path}_{axis}" for axis in range(len(self.shape))]
+
+    def zarr_json(
+        self, attributes: dict[str, Any] | None = None, path: str | None = None
+    ) -> dict[str, Any]:
+        """The array's ``zarr.json``: a pure function of the layout, ``attributes`` and the
+        leaf's ``path`` in its step (a recycled save skips rewriting identical documents).
+        With a path it carries ``dimension_names`` (see :meth:`dimension_names`)."""
+        doc: dict[str, Any] = {
             "zarr_format": 3,
             "node_type": "array",
             "shape": list(self.shape),
@@ -271,6 +286,9 @@ class ArrayLayout:
             "codecs": self.codecs_json(),
             "attributes": attributes or {},
         }
+        if path is not None:
+            doc["dimension_names"] = self.dimension_names(path)
+        return doc
 
     # --- chunks ------------------------------------------------------------------------------
 

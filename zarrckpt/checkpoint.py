@@ -10,6 +10,8 @@ deletes its step, reads fail with a :class:`CheckpointNotFoundError` that says s
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -35,10 +37,11 @@ from ._read import (
     rebuild_leaf,
     restore_into,
 )
+from ._storage import open_storage
 from ._sync import run
 from .errors import CheckpointNotFoundError
 
-__all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint"]
+__all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint", "step_url"]
 
 
 def open_checkpoint(
@@ -48,7 +51,48 @@ def open_checkpoint(
     opened = open_step(filename, step, storage_options)
     if opened is None:
         raise CheckpointNotFoundError(f"no checkpoint at {filename}")
-    return Checkpoint(opened)
+    return Checkpoint(opened, storage_options)
+
+
+def step_url(
+    root: Any, step: int | None = None, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Where a committed step's Zarr group lies (the latest step by default): a path, or a
+    URL for object storage (``s3://bucket/run/step_0000000003.<id>``).
+
+    Plain Zarr readers do not follow zarrckpt's manifest; give them this location, e.g.
+    ``xarray.open_datatree(step_url(root), engine="zarr", consolidated=False)``. Reads only
+    the manifest.
+    """
+    storage = open_storage(root, storage_options, read_only=True)
+    manifest = run(read_manifest(storage))
+    if manifest is None or not manifest.steps:
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
+    info = manifest.latest if step is None else manifest.get(step)
+    if info is None:
+        raise CheckpointNotFoundError(
+            f"step {step} is not committed at {storage.url}; committed steps: "
+            f"{manifest.step_numbers}"
+        )
+    return storage.describe(info.dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _reopen(root: str, options: str, step: int, step_dir: str) -> OpenStep:
+    """The step a pickled :class:`LazyArray` came from, opened once per process."""
+    opened = open_step(root, step, json.loads(options) or None)
+    if opened is None or opened.info.dir != step_dir:
+        raise CheckpointNotFoundError(
+            f"step {step} of {root} is no longer the one this array was read from "
+            "(deleted or overwritten since it was pickled)"
+        )
+    return opened
+
+
+def _unpickle_leaf(root: str, options: str, step: int, step_dir: str, path: str) -> LazyArray:
+    opened = _reopen(root, options, step, step_dir)
+    record, canonical = _resolve(opened.record, path)
+    return LazyArray(opened, opened.valid(record, canonical), canonical, (root, options))
 
 
 _children = _tree.children
@@ -129,10 +173,18 @@ def _leaf_info(rec: dict[str, Any]) -> LeafInfo:
 class _View:
     """Shared by :class:`Checkpoint` and :class:`TreeView`: a sub-tree of one step."""
 
-    def __init__(self, opened: OpenStep, record: dict[str, Any], path: str) -> None:
+    def __init__(
+        self,
+        opened: OpenStep,
+        record: dict[str, Any],
+        path: str,
+        source: tuple[str, str] | None = None,
+    ) -> None:
         self._opened = opened
         self._record = record
         self.path = path
+        #: (root, storage options as JSON) to re-open the step with: pickling, xarray
+        self._source = source or (opened.storage.url, "null")
 
     # --- navigation ---------------------------------------------------------------------------
 
@@ -143,8 +195,8 @@ class _View:
         record, canonical = _resolve(self._record, path, self.path)
         full = self._full(canonical)
         if record.get("type") == "leaf":
-            return LazyArray(self._opened, self._opened.valid(record, full), full)
-        return TreeView(self._opened, record, full)
+            return LazyArray(self._opened, self._opened.valid(record, full), full, self._source)
+        return TreeView(self._opened, record, full, self._source)
 
     def __contains__(self, path: object) -> bool:
         try:
@@ -200,6 +252,43 @@ class _View:
         prefix = self._full(canonical)
         return restore_into(self._opened, record, target, mismatch, parallel, verbose, prefix)
 
+    def to_xarray(self, path: str = "") -> Any:
+        """The sub-tree at ``path`` (all of this view by default) as xarray objects whose
+        variables are dask arrays over :class:`LazyArray` s: nothing is read until values
+        are asked for, and reads go through zarrckpt (checksums verified, the step pinned).
+
+        A sub-tree with sub-groups gives an ``xarray.DataTree`` shaped like the step's Zarr
+        groups, one with leaves only an ``xarray.Dataset``, a leaf an ``xarray.DataArray``.
+        Variables are named like the Zarr arrays (escaped node names), dimensions like
+        their ``dimension_names`` (``<leaf path>_<axis>``), as
+        ``xarray.open_datatree(ckpt.url, engine="zarr")`` shows them; the tree record is
+        the authority, so steps written before ``dimension_names`` existed open too.
+        Containers without leaves (and ``None`` leaves) have no group.
+        """
+        import xarray as xr
+
+        node = self[path] if path else self
+        if isinstance(node, LazyArray):
+            return xr.DataArray(node.to_dask(), dims=node.dims, name=node.path.split("/")[-1])
+        assert isinstance(node, _View)
+        prefix = f"{node.path}/" if node.path else ""
+        groups: dict[str, dict[str, Any]] = {}
+        for rec in _tree.iter_leaf_records(node._checked()):
+            leaf_path = rec["path"]
+            if prefix and not leaf_path.startswith(prefix):
+                prefix = ""  # a record whose paths do not follow its nesting: step-rooted
+                break
+        for rec in _tree.iter_leaf_records(node._checked()):
+            rel = rec["path"][len(prefix) :]
+            group, _, name = rel.rpartition("/")
+            leaf = LazyArray(node._opened, rec, rec["path"], node._source)
+            groups.setdefault(group, {})[name] = (leaf.dims, leaf.to_dask())
+        if set(groups) <= {""}:
+            return xr.Dataset(groups.get("", {}))
+        return xr.DataTree.from_dict(
+            {f"/{g}": xr.Dataset(variables) for g, variables in groups.items()}
+        )
+
     def stats(self, path: str = "") -> dict[str, float]:
         """min/max/mean/std/nnz of a leaf, computed chunk by chunk (memory: a few chunks)."""
         leaf = self[path] if path else self
@@ -222,8 +311,9 @@ class _View:
 class Checkpoint(_View):
     """A lazy, read-only view of one committed step of a checkpoint."""
 
-    def __init__(self, opened: OpenStep) -> None:
-        super().__init__(opened, opened.record, "")
+    def __init__(self, opened: OpenStep, storage_options: dict[str, Any] | None = None) -> None:
+        options = json.dumps(storage_options or None, sort_keys=True, default=repr)
+        super().__init__(opened, opened.record, "", (opened.storage.url, options))
 
     @property
     def step(self) -> int:
@@ -238,6 +328,12 @@ class Checkpoint(_View):
     @property
     def location(self) -> str:
         return self._opened.location
+
+    @property
+    def url(self) -> str:
+        """Where this step's Zarr group lies (a path, or a URL for object storage): what
+        plain Zarr readers and ``xarray.open_datatree(..., engine="zarr")`` open."""
+        return self._opened.storage.describe(self._opened.info.dir)
 
     def info(self) -> dict[str, Any]:
         leaves = self.leaves()
@@ -267,11 +363,49 @@ class TreeView(_View):
 class LazyArray:
     """One leaf, read on demand: NumPy-style slicing fetches only the chunks it touches."""
 
-    def __init__(self, opened: OpenStep, record: dict[str, Any], path: str) -> None:
+    def __init__(
+        self,
+        opened: OpenStep,
+        record: dict[str, Any],
+        path: str,
+        source: tuple[str, str] | None = None,
+    ) -> None:
         self._opened = opened
         self._record = record
         self._layout = ArrayLayout.from_json(record)
         self.path = path
+        self._source = source or (opened.storage.url, "null")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as where to re-open it (root, storage options, step and its directory,
+        leaf path): a dask worker re-opens the step once per process, and refuses if the
+        step was overwritten since (its directory differs)."""
+        root, options = self._source
+        info = self._opened.info
+        return _unpickle_leaf, (root, options, info.step, info.dir, self.path)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """Dimension names, as in the array's ``zarr.json``: ``<leaf path>_<axis>``."""
+        return tuple(self._layout.dimension_names(self._record["path"]))
+
+    def to_dask(self) -> Any:
+        """A ``dask.array`` with one block per stored chunk, each read through zarrckpt
+        (checksums verified, the step pinned). Builds no more than the graph: nothing is
+        read until it is computed. The graph pickles (see :meth:`__reduce__`)."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        root, options = self._source
+        token = tokenize(root, options, self._opened.info.dir, self._record["path"])
+        return da.from_array(
+            self,
+            chunks=self.chunks if self.shape else (),
+            name=f"zarrckpt-{token}",
+            asarray=False,
+            fancy=False,
+            meta=np.empty((0,) * self.ndim, dtype=self.dtype),
+        )
 
     shape = property(lambda self: self._layout.shape)
     dtype = property(lambda self: self._layout.dtype)
