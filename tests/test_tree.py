@@ -731,3 +731,20 @@ def test_random_trees_with_tuple_keys_round_trip(tree):
     for path in leaf_paths:  # every parent of a leaf is a group the writer creates
         parts = path.split("/")
         assert all("/".join(parts[:i]) in groups for i in range(len(parts)))
+
+
+def test_a_sequence_target_matches_decimal_string_keys(tmp_path):
+    """msgpack checkpoints (flax, braintools, and `zarrckpt convert` of them) store a list as a
+    dict keyed "0", "1", ...; a target's list restores from it by position."""
+    import numpy as np
+
+    import zarrckpt
+
+    root = str(tmp_path / "ckpt")
+    zarrckpt.save_pytree(root, {"layers": {"0": np.ones(2), "1": np.arange(3)}}, verbose=False)
+    got = zarrckpt.load_pytree(root, {"layers": [np.zeros(2), np.zeros(3, np.int64)]})
+    assert isinstance(got["layers"], list)
+    assert got["layers"][0].tolist() == [1, 1] and got["layers"][1].tolist() == [0, 1, 2]
+    # a real int key wins over its decimal spelling
+    zarrckpt.save_pytree(root, {"d": {0: np.zeros(1), "0": np.ones(1)}}, verbose=False)
+    assert zarrckpt.load_pytree(root, {"d": [np.full(1, 5.0)]})["d"][0].tolist() == [0.0]

@@ -683,6 +683,8 @@ def match(
     ``unexpected`` lists the paths of record leaves the target does not have. Children are
     matched by dict key (tuple keys too), position, namedtuple field or PyTree key (the
     attribute, key or index), so a list matches a tuple, a namedtuple a dict of its fields,
+    a position ``i`` the key ``"i"`` where there is no key ``i`` (msgpack checkpoints of flax
+    and braintools store sequences so),
     and names are never re-spelt: version 1 records match like version 2. Paths are
     ``prefix`` joined with the recorded names, or below a target-only node with the names
     the writer would give (``ROOT_LEAF_NAME`` for a bare leaf).
@@ -732,6 +734,9 @@ def match(
         used: set[Any] = set()
         for key, names, child in node.kids:
             hit = index.get(key)
+            if hit is None and type(key) is int and str(key) in index:
+                key = str(key)  # flax / braintools msgpack: sequences saved as {"0": ..}
+                hit = index[key]
             if hit is None:
                 missing(child, _join(path, names), depth + max(1, len(names)))
             else:
