@@ -747,4 +747,5 @@ def test_a_sequence_target_matches_decimal_string_keys(tmp_path):
     assert got["layers"][0].tolist() == [1, 1] and got["layers"][1].tolist() == [0, 1, 2]
     # a real int key wins over its decimal spelling
     zarrckpt.save_pytree(root, {"d": {0: np.zeros(1), "0": np.ones(1)}}, verbose=False)
-    assert zarrckpt.load_pytree(root, {"d": [np.full(1, 5.0)]})["d"][0].tolist() == [0.0]
+    got = zarrckpt.load_pytree(root, {"d": [np.full(1, 5.0)]}, mismatch="ignore")
+    assert got["d"][0].tolist() == [0.0]
