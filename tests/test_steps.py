@@ -250,3 +250,34 @@ def test_verbose_prints_a_summary(url, capsys):
     out = capsys.readouterr().out
     assert "zarrckpt: saved step 0 (1 leaves, 8 B) to " in out
     assert "zarrckpt: loaded step 0 (1 leaves, 8 B) from " in out
+
+
+def test_brainpy_positional_signatures(local_url):
+    """bp.checkpoints.save_pytree(filename, target, overwrite, async_manager, verbose) and
+    load_pytree(filename, target, parallel) are positional-or-keyword in BrainPy 2.8."""
+    import inspect
+
+    zarrckpt.save_pytree(local_url, {"v": np.arange(3)}, True, None, False)
+    with zarrckpt.AsyncManager() as manager:
+        zarrckpt.save_pytree(local_url, {"v": np.arange(3) + 1}, True, manager, False)
+    with pytest.raises(AlreadyExistsError):
+        zarrckpt.save_pytree(local_url, {"v": np.arange(3)}, False, None, False)
+    assert zarrckpt.load_pytree(local_url, None, False)["v"].tolist() == [1, 2, 3]
+    target = {"v": np.zeros(3, np.int64)}
+    assert zarrckpt.load_pytree(local_url, target, True)["v"].tolist() == [1, 2, 3]
+    params = inspect.signature(zarrckpt.save_pytree).parameters
+    assert list(params)[:5] == ["filename", "target", "overwrite", "async_manager", "verbose"]
+    assert all(params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in list(params)[:5])
+    params = inspect.signature(zarrckpt.load_pytree).parameters
+    assert list(params)[:3] == ["filename", "target", "parallel"]
+    assert params["step"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_local_os_errors_are_store_errors_naming_the_path(tmp_path):
+    root = tmp_path / "ro"
+    zarrckpt.save_pytree(str(root), {"v": 1}, verbose=False)
+    (root / "blocker").write_text("a file where a directory is needed")
+    with pytest.raises(zarrckpt.StoreError, match=r"blocker.* failed") as info:
+        zarrckpt.save_pytree(str(root / "blocker" / "inner"), {"v": 1}, verbose=False)
+    assert isinstance(info.value, OSError)
+    assert zarrckpt.load_pytree(str(root)) == {"v": 1}  # the committed step is untouched
