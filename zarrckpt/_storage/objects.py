@@ -31,7 +31,7 @@ from zarr.storage import FsspecStore
 
 from .base import Storage, check_key
 
-__all__ = ["S3Storage", "StoreStorage", "protocols"]
+__all__ = ["LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
 
 _LEASE = ".zarrckpt-lease"
 
@@ -54,55 +54,23 @@ def protocols(store: Store) -> set[str]:
 _LOCAL_LOCKS: dict[str, asyncio.Lock] = {}
 
 
-class StoreStorage(Storage):
-    """Any zarr v3 ``Store`` (``FsspecStore`` for URLs, ``MemoryStore``, ...)."""
+class LeaseObjects:
+    """Writer leases as objects (see the module docstring), for any backend with get/put/delete.
 
-    leases = True
+    A mix-in: the backend provides ``put``, ``get`` and ``delete`` (of one key).
+    """
 
-    def __init__(self, store: Store, url: str | None = None) -> None:
-        self.store = store
-        self.url = url or str(store)
-        self._in_process = "memory" in protocols(store)
-        self.conditional_writes = self._in_process
-        self._heartbeats: dict[str, asyncio.Task[None]] = {}
-
-    async def get(self, key: str) -> bytes | None:
-        async with self.errors("reading", check_key(self.url, key)):
-            buf = await self.store.get(key, prototype=default_buffer_prototype())
-        return None if buf is None else buf.to_bytes()
-
-    async def put(self, key: str, parts: Sequence[Any]) -> None:
-        data = b"".join(memoryview(p).cast("B") for p in parts)
-        async with self.errors("writing", check_key(self.url, key)):
-            await self.store.set(key, cpu.Buffer.from_bytes(data))
-
-    async def put_atomic(self, key: str, data: bytes) -> None:
-        # A single PUT of one object is atomic on object stores and in memory.
-        await self.put(key, [data])
-
-    async def list_dir(self, prefix: str = "") -> list[str]:
-        async with self.errors("listing", check_key(self.url, prefix)):
-            return sorted([name async for name in self.store.list_dir(prefix)])
-
-    async def delete_dir(self, prefix: str) -> None:
-        async with self.errors("deleting", check_key(self.url, prefix)):
-            await self.store.delete_dir(prefix)
-
-    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
-        if not self._in_process:
-            return await super().put_if_unchanged(key, data, token)
-        lock = _LOCAL_LOCKS.setdefault(self.url, asyncio.Lock())
-        async with lock:
-            if await self.get(key) != token:
-                return False
-            await self.put_atomic(key, data)
-            return True
-
-    # --- leases ----------------------------------------------------------------------------
+    async def delete(self, key: str) -> None:
+        """Delete one object (absent: no error)."""
+        raise NotImplementedError
 
     async def _write_lease(self, step_dir: str, writer: str) -> None:
         doc = {"writer": writer, "expires": time.time() + _lease_ttl()}
-        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])
+        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])  # type: ignore[attr-defined]
+
+    @property
+    def _heartbeats(self) -> dict[str, asyncio.Task[None]]:
+        return self.__dict__.setdefault("_heartbeat_tasks", {})  # type: ignore[no-any-return]
 
     async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         writer = uuid.uuid4().hex
@@ -122,11 +90,10 @@ class StoreStorage(Storage):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        async with self.errors("deleting", step_dir):
-            await self.store.delete(f"{step_dir}/{_LEASE}")
+        await self.delete(f"{step_dir}/{_LEASE}")
 
     async def lease_expired(self, step_dir: str, created: float) -> bool:
-        data = await self.get(f"{step_dir}/{_LEASE}")
+        data = await self.get(f"{step_dir}/{_LEASE}")  # type: ignore[attr-defined]
         if data is None:
             return True  # finished: its writer committed or gave up
         try:
@@ -134,6 +101,54 @@ class StoreStorage(Storage):
         except (ValueError, KeyError, TypeError):
             return True  # not a lease any zarrckpt wrote
         return time.time() > expires
+
+
+class StoreStorage(LeaseObjects, Storage):
+    """Any zarr v3 ``Store`` (``FsspecStore`` for URLs, ``MemoryStore``, ...)."""
+
+    leases = True
+
+    def __init__(self, store: Store, url: str | None = None) -> None:
+        self.store = store
+        self.url = url or str(store)
+        self._in_process = "memory" in protocols(store)
+        self.conditional_writes = self._in_process
+
+    async def get(self, key: str) -> bytes | None:
+        async with self.errors("reading", check_key(self.url, key)):
+            buf = await self.store.get(key, prototype=default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    async def put(self, key: str, parts: Sequence[Any]) -> None:
+        data = b"".join(memoryview(p).cast("B") for p in parts)
+        async with self.errors("writing", check_key(self.url, key)):
+            await self.store.set(key, cpu.Buffer.from_bytes(data))
+
+    async def put_atomic(self, key: str, data: bytes) -> None:
+        # A single PUT of one object is atomic on object stores and in memory.
+        await self.put(key, [data])
+
+    async def delete(self, key: str) -> None:
+        async with self.errors("deleting", check_key(self.url, key)):
+            await self.store.delete(key)
+
+    async def list_dir(self, prefix: str = "") -> list[str]:
+        async with self.errors("listing", check_key(self.url, prefix)):
+            return sorted([name async for name in self.store.list_dir(prefix)])
+
+    async def delete_dir(self, prefix: str) -> None:
+        async with self.errors("deleting", check_key(self.url, prefix)):
+            await self.store.delete_dir(prefix)
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        if not self._in_process:
+            return await super().put_if_unchanged(key, data, token)
+        lock = _LOCAL_LOCKS.setdefault(self.url, asyncio.Lock())
+        async with lock:
+            if await self.get(key) != token:
+                return False
+            await self.put_atomic(key, data)
+            return True
 
 
 class S3Storage(StoreStorage):
