@@ -17,6 +17,8 @@
    ``max-keys`` a page). The emulator answered 501 to listing, HEAD and DELETE, and sent no
    ETag or generation.
 5. Deleted objects are gone (no soft-delete copies kept in memory for seven days).
+6. A ``;`` in an object name is kept: the emulator split request paths with ``urlparse``,
+   which cuts a last segment's ``;params`` off (aiohttp sends gcsfs's ``%3B`` as ``;``).
 """
 
 import base64
@@ -25,6 +27,7 @@ import http.server
 import json
 import re
 import sys
+import urllib.parse
 from datetime import datetime, timezone
 from http import HTTPStatus
 from xml.sax.saxutils import escape
@@ -62,6 +65,7 @@ def _read_data(request_handler, query):
 
 
 server._read_data = _read_data
+server.urlparse = urllib.parse.urlsplit  # no ";params" split off the path
 Storage._bucket_soft_delete_retention_seconds = lambda self, bucket_name: 0
 
 
@@ -206,14 +210,19 @@ server.Response.close = _close
 server.RequestHandler.do_HEAD = lambda self: server.Router(self).handle("HEAD")
 objects.insert = insert
 _XML_OBJECT = r"^/(?P<bucket_name>[-.\w]+)/(?P<object_id>.*[^/]+)$"
+# object_store percent-encodes the bucket name too ("t-1" as "t%2D1"); names are unquoted once.
+_BUCKET = r"^/(?P<bucket_name>[-.%\w]+)"
 server.HANDLERS = (
     *(
         (regex, {m: insert if h is _insert else h for m, h in handlers.items()})
         for regex, handlers in server.HANDLERS
         if regex != _XML_OBJECT
     ),
-    (_XML_OBJECT, {"GET": xml_get, "HEAD": xml_head, "PUT": xml_put, "DELETE": xml_delete}),
-    (r"^/(?P<bucket_name>[-.\w]+)/?$", {"GET": xml_list}),
+    (
+        _BUCKET + r"/(?P<object_id>.*[^/]+)$",
+        {"GET": xml_get, "HEAD": xml_head, "PUT": xml_put, "DELETE": xml_delete},
+    ),
+    (_BUCKET + r"/?$", {"GET": xml_list}),
 )
 
 if __name__ == "__main__":

@@ -116,11 +116,15 @@ def _aws_credentials_in_files() -> bool:
     )
 
 
-def s3_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """s3fs ``storage_options`` as obstore ``S3Store`` config and client options."""
+Config = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def s3_config(options: dict[str, Any]) -> Config:
+    """s3fs ``storage_options`` as obstore ``S3Store`` config, client and retry options."""
     options = dict(options)
     config: dict[str, Any] = {}
     client: dict[str, Any] = {}
+    retry: dict[str, Any] = {}
     client_kwargs = dict(options.pop("client_kwargs", None) or {})
     config_kwargs = dict(options.pop("config_kwargs", None) or {})
     extra = dict(options.pop("s3_additional_kwargs", None) or {})
@@ -182,7 +186,10 @@ def s3_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             client["connect_timeout" if name == "connect_timeout" else "timeout"] = _seconds(
                 config_kwargs.pop(name)
             )
-    config_kwargs.pop("retries", None)  # obstore retries itself (10 tries, backoff)
+    retries = config_kwargs.pop("retries", None) or {}
+    if "max_attempts" in retries or "total_max_attempts" in retries:  # botocore counts the first
+        attempts = retries.get("total_max_attempts", retries.get("max_attempts"))
+        retry["max_retries"] = max(0, int(attempts) - 1)
     if options.pop("requester_pays", False) or extra.pop("RequestPayer", None):
         config["request_payer"] = True
     sse = extra.pop("ServerSideEncryption", None)
@@ -196,7 +203,7 @@ def s3_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         raise Unsupported(f"storage option {first!r}")
     _rest_unsupported(options)
     config["conditional_put"] = "etag"  # If-Match / If-None-Match (object_store's default too)
-    return config, client
+    return config, client, retry
 
 
 def _google_credentials(token: Any, config: dict[str, Any]) -> None:
@@ -221,8 +228,8 @@ def _google_credentials(token: Any, config: dict[str, Any]) -> None:
     raise Unsupported("this kind of Google credentials (token=...)")
 
 
-def gcs_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """gcsfs ``storage_options`` as obstore ``GCSStore`` config and client options."""
+def gcs_config(options: dict[str, Any]) -> Config:
+    """gcsfs ``storage_options`` as obstore ``GCSStore`` config, client and retry options."""
     options = dict(options)
     config: dict[str, Any] = {}
     client: dict[str, Any] = {}
@@ -232,15 +239,15 @@ def gcs_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         config["base_url"] = _endpoint(endpoint, client)
     _pop_false(options, "requester_pays", "user_project", "kms_key_name", "version_aware")
     _rest_unsupported(options)
-    return config, client
+    return config, client, {}
 
 
 def _connection_string(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split(";") if "=" in part)
 
 
-def azure_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """adlfs ``storage_options`` as obstore ``AzureStore`` config and client options."""
+def azure_config(options: dict[str, Any]) -> Config:
+    """adlfs ``storage_options`` as obstore ``AzureStore`` config, client and retry options."""
     options = dict(options)
     config: dict[str, Any] = {}
     client: dict[str, Any] = {}
@@ -275,7 +282,7 @@ def azure_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     for name in ("max_concurrency", "timeout", "connection_timeout", "read_timeout"):
         options.pop(name, None)
     _rest_unsupported(options)
-    return config, client
+    return config, client, {}
 
 
 # --- locations ------------------------------------------------------------------------------
@@ -311,18 +318,21 @@ def open_obstore(url: str, protocol: str, path: str, options: dict[str, Any]) ->
     prefix = _check_prefix(url, rest)
     probe = None
     if protocol in S3_PROTOCOLS:
-        config, client = s3_config(options)
-        store: Any = S3Store(bucket, prefix=prefix, config=config, client_options=client)
+        config, client, retry = s3_config(options)
+        kind: Any = S3Store
         if "endpoint" in config:  # an S3-compatible server: does it enforce conditions?
             probe = (config["endpoint"], bucket)
     elif protocol in GCS_PROTOCOLS:
-        config, client = gcs_config(options)
-        store = GCSStore(bucket, prefix=prefix, config=config, client_options=client)
+        config, client, retry = gcs_config(options)
+        kind = GCSStore
     else:
-        config, client = azure_config(options)
+        config, client, retry = azure_config(options)
         if account and "account_name" not in config:
             config["account_name"] = account
-        store = AzureStore(bucket, prefix=prefix, config=config, client_options=client)
+        kind = AzureStore
+    store = kind(
+        bucket, prefix=prefix, config=config, client_options=client, retry_config=retry or None
+    )
     return ObjectStoreStorage(store, url.rstrip("/"), probe=probe)
 
 
