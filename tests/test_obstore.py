@@ -544,3 +544,32 @@ def test_large_objects_go_in_parts(s3_obstore_root, monkeypatch):
     np.testing.assert_array_equal(zarrckpt.load_pytree(url, storage_options=options)["w"], w)
     loaded = zarrckpt.load_pytree(url, storage_options={**options, "backend": "fsspec"})
     np.testing.assert_array_equal(loaded["w"], w)
+
+
+def _load_in_fork(url, options, queue):
+    try:
+        queue.put(zarrckpt.load_pytree(url, storage_options=options)["w"].tolist())
+    except Exception as exc:
+        queue.put(repr(exc))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_child_falls_back_to_fsspec(s3_root, monkeypatch):
+    """obstore's Rust runtime does not survive fork(): a child of a process that used it
+    would hang on its first request. It gets fsspec instead (or an error naming why)."""
+    import multiprocessing
+
+    monkeypatch.delenv("ZARRCKPT_STORAGE_BACKEND")
+    url, options = s3_root
+    zarrckpt.save_pytree(url, {"w": np.arange(3)}, storage_options=options, verbose=False)
+    ctx = multiprocessing.get_context("fork")
+    for extra, expected in (({}, [0, 1, 2]), ({"backend": "obstore"}, "survive fork()")):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_load_in_fork, args=(url, {**options, **extra}, queue))
+        child.start()
+        try:
+            got = queue.get(timeout=60)
+        finally:
+            child.kill()
+            child.join()
+        assert got == expected if isinstance(expected, list) else expected in got

@@ -32,6 +32,7 @@ single-writer mode with a :class:`~zarrckpt.errors.SingleWriterWarning`, never s
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import uuid
@@ -314,6 +315,11 @@ def _split(protocol: str, path: str) -> tuple[str, str, str | None]:
 
 def open_obstore(url: str, protocol: str, path: str, options: dict[str, Any]) -> ObjectStoreStorage:
     """A storage for ``protocol://path``, or :class:`Unsupported` (then use fsspec)."""
+    if _used_in_pid not in (None, os.getpid()):
+        raise Unsupported(
+            "this process was forked from one that used obstore, whose Rust runtime does not "
+            "survive fork() (requests would hang)"
+        )
     bucket, rest, account = _split(protocol, path)
     prefix = _check_prefix(url, rest)
     probe = None
@@ -330,14 +336,24 @@ def open_obstore(url: str, protocol: str, path: str, options: dict[str, Any]) ->
         if account and "account_name" not in config:
             config["account_name"] = account
         kind = AzureStore
-    store = kind(
+    args = json.dumps([kind.__name__, bucket, prefix, config, client, retry], sort_keys=True)
+    return ObjectStoreStorage(_store(args), url.rstrip("/"), probe=probe)
+
+
+@functools.lru_cache(maxsize=32)
+def _store(args: str) -> Any:
+    """One obstore store per configuration: its HTTP connections are reused across saves."""
+    kind, bucket, prefix, config, client, retry = json.loads(args)
+    cls = {"S3Store": S3Store, "GCSStore": GCSStore, "AzureStore": AzureStore}[kind]
+    return cls(
         bucket, prefix=prefix, config=config, client_options=client, retry_config=retry or None
     )
-    return ObjectStoreStorage(store, url.rstrip("/"), probe=probe)
 
 
 # --- the storage ----------------------------------------------------------------------------
 
+#: the process that opened obstore roots (its runtime's threads are gone in a forked child)
+_used_in_pid: int | None = None
 #: (endpoint, bucket) -> whether the server enforces conditional PUTs (probed once a process)
 _PROBED: dict[tuple[str, str], str | None] = {}
 _warned: set[str] = set()
@@ -350,6 +366,8 @@ class ObjectStoreStorage(LeaseObjects, Storage):
     conditional_writes = True
 
     def __init__(self, store: Any, url: str, probe: tuple[str, str] | None = None) -> None:
+        global _used_in_pid
+        _used_in_pid = os.getpid()
         self.store = store
         self.url = url
         self.conditional_writes = True
