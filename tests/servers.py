@@ -65,9 +65,16 @@ def gcs_options(endpoint: str) -> dict:
     return {"endpoint_url": endpoint, "token": "anon", "project": "test"}
 
 
-def start_s3(log_path: str):
-    code = "import sys; from moto.server import main; sys.exit(main(['-H', '127.0.0.1', '-p', sys.argv[1]]))"
-    return serve([sys.executable, "-c", code], "/moto-api/", log_path)
+def start_s3(log_path: str, keep_alive: bool = False):
+    """moto's S3 server. moto's own (werkzeug) closes the connection after every response;
+    ``keep_alive`` serves the same app with waitress, which keeps connections open as S3 does,
+    and logs one line per request like werkzeug (for counting at the server)."""
+    if not keep_alive:
+        code = "import sys; from moto.server import main; sys.exit(main(['-H', '127.0.0.1', '-p', sys.argv[1]]))"
+        return serve([sys.executable, "-c", code], "/moto-api/", log_path)
+    return serve(
+        [sys.executable, str(Path(__file__).with_name("moto_keepalive.py"))], "/moto-api/", log_path
+    )
 
 
 def start_gcs(log_path: str):

@@ -64,6 +64,9 @@ PROTOCOLS = S3_PROTOCOLS | GCS_PROTOCOLS | AZURE_PROTOCOLS
 #: Objects above this size are uploaded in parts (s3fs's threshold too); below, one PUT.
 _MULTIPART_BYTES = 100 * 1024 * 1024
 _PART_BYTES = 16 * 1024 * 1024
+#: Bodies this small are collected without another await: they arrive with the headers (within
+#: TCP's initial window), so the loop thread is not held waiting for the network.
+_SMALL_BODY = 16 * 1024
 
 
 class Unsupported(ValueError):
@@ -376,10 +379,19 @@ class ObjectStoreStorage(LeaseObjects, Storage):
     async def get(self, key: str) -> bytes | None:
         async with self.errors("reading", check_key(self.url, key)):
             try:
-                result = await obstore.get_async(self.store, key)
-                return bytes(await result.bytes_async())
+                return (await self._get(key))[0]
             except FileNotFoundError:  # obstore's NotFoundError
                 return None
+
+    async def _get(self, key: str) -> tuple[bytes, dict[str, Any]]:
+        result = await obstore.get_async(self.store, key)
+        if result.meta["size"] <= _SMALL_BODY:
+            # The body came with the headers: collecting it here saves a second trip through
+            # the asyncio <-> Rust bridge (~0.1 ms of CPU, a third of a small read's cost).
+            body = result.bytes()
+        else:
+            body = await result.bytes_async()
+        return bytes(body), result.meta
 
     async def _put(self, key: str, data: Any, mode: Any = None) -> None:
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
@@ -431,11 +443,10 @@ class ObjectStoreStorage(LeaseObjects, Storage):
     async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
         async with self.errors("reading", check_key(self.url, key)):
             try:
-                result = await obstore.get_async(self.store, key)
-                data = bytes(await result.bytes_async())
+                data, meta = await self._get(key)
             except FileNotFoundError:
                 return None, None
-        meta = result.meta  # UpdateVersion: S3 and Azure compare the ETag, GCS the generation
+        # the token is an UpdateVersion: S3 and Azure compare the ETag, GCS the generation
         return data, {k: meta[k] for k in ("e_tag", "version") if meta[k] is not None}
 
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
