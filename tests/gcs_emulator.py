@@ -5,7 +5,7 @@
    emulator parses them with the ``email`` package, which strips a trailing ``\\r`` from the
    object's content: any object whose last byte is 0x0D was stored one byte short (seen as
    crc32c mismatches here).
-3. Preconditions are enforced, as GCS does: ``ifGenerationMatch`` / ``ifGenerationNotMatch``
+3. Preconditions are enforced, as GCS does (and media downloads say ``x-goog-generation``): ``ifGenerationMatch`` / ``ifGenerationNotMatch``
    on JSON-API uploads (gcsfs's ``mode="create"`` sends ``ifGenerationMatch=0``) and
    ``x-goog-if-generation-match`` / ``x-goog-if-generation-not-match`` on XML-API PUTs; a
    failed one is ``412 Precondition Failed`` and writes nothing. The emulator itself ignores
@@ -28,7 +28,7 @@ import json
 import re
 import sys
 import urllib.parse
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 from xml.sax.saxutils import escape
 
@@ -93,6 +93,15 @@ def _precondition_failed(response) -> None:
 
 
 _insert = objects.insert
+_download = objects.download
+
+
+def download(request, response, storage, *args, **kwargs):
+    """JSON-API media download, with ``x-goog-generation`` as GCS sends it (gcsfs reads it)."""
+    _download(request, response, storage)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = str(obj["generation"])
 
 
 def insert(request, response, storage, *args, **kwargs):
@@ -120,7 +129,7 @@ def _object_headers(response, obj) -> None:
     response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
     updated = datetime.strptime(obj["updated"], "%Y-%m-%dT%H:%M:%S.%fZ")
     response["Last-Modified"] = email.utils.format_datetime(
-        updated.replace(tzinfo=timezone.utc), usegmt=True
+        updated.replace(tzinfo=UTC), usegmt=True
     )
 
 
@@ -137,7 +146,7 @@ def xml_put(request, response, storage, *args, **kwargs):
 
 def xml_get(request, response, storage, *args, **kwargs):
     bucket, name = request.params["bucket_name"], request.params["object_id"]
-    objects.download(request, response, storage)
+    _download(request, response, storage)
     if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
         _object_headers(response, storage.get_file_obj(bucket, name))
 
@@ -186,7 +195,7 @@ def xml_list(request, response, storage, *args, **kwargs):
             modified = obj["updated"][:23] + "Z"
             out.append(
                 f"<Contents><Key>{escape(key)}</Key><Generation>{obj['generation']}</Generation>"
-                f"<LastModified>{modified}</LastModified><ETag>\"{md5}\"</ETag>"
+                f'<LastModified>{modified}</LastModified><ETag>"{md5}"</ETag>'
                 f"<Size>{obj['size']}</Size></Contents>"
             )
     out.append("</ListBucketResult>")
@@ -214,7 +223,7 @@ _XML_OBJECT = r"^/(?P<bucket_name>[-.\w]+)/(?P<object_id>.*[^/]+)$"
 _BUCKET = r"^/(?P<bucket_name>[-.%\w]+)"
 server.HANDLERS = (
     *(
-        (regex, {m: insert if h is _insert else h for m, h in handlers.items()})
+        (regex, {m: {_insert: insert, _download: download}.get(h, h) for m, h in handlers.items()})
         for regex, handlers in server.HANDLERS
         if regex != _XML_OBJECT
     ),

@@ -305,7 +305,7 @@ def test_tensorstore_reads_leaves_obstore_wrote(request, s3_server, monkeypatch)
 # --- conditional commits: two writers on one root ----------------------------------------------
 
 
-@pytest.mark.parametrize("backend", OBSTORE_BACKENDS)
+@pytest.mark.parametrize("backend", [*OBSTORE_BACKENDS, "gcs"])  # "gcs": gcsfs, generations
 def test_a_commit_that_lost_the_race_raises_and_cleans_up(request, backend, monkeypatch):
     import zarrckpt._write as api
 
@@ -355,6 +355,8 @@ WRITER = textwrap.dedent(
 def test_two_processes_saving_to_one_root_on_each_backend(request, tmp_path):
     """Every save either commits or raises ConcurrentWriteError; no commit is ever lost."""
     roots = {b: _root(request, b) for b in OBSTORE_BACKENDS}
+    url, options = request.getfixturevalue("gcs_root")  # gcsfs, with generation preconditions
+    roots["gcs"] = url.replace("/run", "/gcsfs"), {**options, "backend": "fsspec"}
     go = tmp_path / "go"
     procs = {
         (backend, who): subprocess.Popen(

@@ -9,7 +9,7 @@ gets conditional commits whether it came as a URL, a mapper or an ``FsspecStore`
 - ``obstore``: ``s3://``, ``gs://``, ``az://`` / ``abfs://`` URLs through obstore (Rust), when it
   is installed and can honour the ``storage_options``; conditional PUTs on all three;
 - ``objects``: any zarr store, with lease objects (every other URL, and the fallback for the
-  ones above); S3 through s3fs with conditional PUTs.
+  ones above); S3 through s3fs and GCS through gcsfs with conditional PUTs.
 
 Which client serves a URL: the ``backend`` argument, else a ``"backend"`` entry of
 ``storage_options`` (popped here, so every public function takes it), else the
@@ -30,10 +30,11 @@ from zarr.storage import FsspecStore
 
 from .base import Storage, check_key
 from .local import LocalStorage
-from .objects import S3Storage, StoreStorage, protocols
+from .objects import GCSStorage, S3Storage, StoreStorage, protocols
 
 __all__ = [
     "BACKENDS",
+    "GCSStorage",
     "LocalStorage",
     "S3Storage",
     "Storage",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 _S3 = {"s3", "s3a"}
+_GCS = {"gs", "gcs"}
 #: URLs obstore can serve (``_storage.obstore.PROTOCOLS``, without importing obstore)
 OBSTORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 #: fsspec's configuration sections per protocol family (S3FileSystem.protocol, ...)
@@ -53,6 +55,8 @@ BACKENDS = ("auto", "obstore", "fsspec")
 def _for_store(store: Store, url: str | None = None) -> Storage:
     if isinstance(store, FsspecStore) and protocols(store) & _S3 and hasattr(store.fs, "_call_s3"):
         return S3Storage(store, url or f"s3://{store.path}")
+    if isinstance(store, FsspecStore) and protocols(store) & _GCS and hasattr(store.fs, "_call"):
+        return GCSStorage(store, url or f"gs://{store.path}")
     return StoreStorage(store, url)
 
 

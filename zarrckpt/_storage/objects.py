@@ -9,9 +9,10 @@ writer that died (or stalled for longer than the TTL, which the README's Safety 
 asks users to avoid by keeping the TTL well above any pause of their process).
 
 Conditional publication of the manifest: S3 (``If-Match`` / ``If-None-Match``, see
-:class:`S3Storage`) and in-process stores (memory), where a compare-and-set under a lock is
-exact. Other backends (GCS through gcsfs, generic fsspec filesystems) replace the manifest
-unconditionally: one writer per root, and the commit warns once.
+:class:`S3Storage`), GCS (``ifGenerationMatch``, see :class:`GCSStorage`) and in-process
+stores (memory), where a compare-and-set under a lock is exact. Other backends (generic
+fsspec filesystems) replace the manifest unconditionally: one writer per root, and the
+commit warns once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from zarr.abc.store import Store
 from zarr.buffer import cpu, default_buffer_prototype
@@ -31,7 +33,7 @@ from zarr.storage import FsspecStore
 
 from .base import Storage, check_key
 
-__all__ = ["LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
+__all__ = ["GCSStorage", "LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
 
 _LEASE = ".zarrckpt-lease"
 
@@ -192,4 +194,56 @@ class S3Storage(StoreStorage):
                 ):
                     return False
                 raise
+        return True
+
+
+class GCSStorage(StoreStorage):
+    """GCS through gcsfs, with generation preconditions for the manifest.
+
+    The manifest is read with its generation (``x-goog-generation``) and replaced by one upload
+    with ``ifGenerationMatch=<generation>`` (``0``: only if absent, as gcsfs's own
+    ``mode="create"`` sends); GCS answers 412, which gcsfs raises as ``FileExistsError``.
+    """
+
+    conditional_writes = True
+
+    def __init__(self, store: FsspecStore, url: str) -> None:
+        super().__init__(store, url)
+        self.conditional_writes = True
+
+    def _path(self, key: str) -> str:
+        return f"{self.store.path}/{key}"
+
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        fs = self.store.fs
+        async with self.errors("reading", key):
+            try:
+                headers, data = await fs._call("GET", fs.url(self._path(key)))
+                generation = headers.get("x-goog-generation")
+                if generation is None:  # pin the content to the generation it belongs to
+                    info = await fs._info(self._path(key))
+                    generation = str(info["generation"])
+                    url = fs.url(self._path(key), generation=generation)
+                    _, data = await fs._call("GET", url)
+            except FileNotFoundError:
+                return None, None
+        return data, str(generation)
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        fs = self.store.fs
+        bucket, path, _ = fs.split_path(self._path(key))
+        async with self.errors("writing", key):
+            try:
+                await fs._call(
+                    "POST",
+                    f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                    uploadType="media",
+                    name=path,
+                    ifGenerationMatch="0" if token is None else token,
+                    data=data,
+                    headers={"Content-Type": "application/octet-stream"},
+                    json_out=True,
+                )
+            except FileExistsError:  # 412: the generation changed
+                return False
         return True
