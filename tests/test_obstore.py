@@ -556,6 +556,7 @@ def _load_in_fork(url, options, queue):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, imported by other tests
 def test_a_forked_child_falls_back_to_fsspec(s3_root, monkeypatch):
     """obstore's Rust runtime does not survive fork(): a child of a process that used it
     would hang on its first request. It gets fsspec instead (or an error naming why)."""
