@@ -611,3 +611,13 @@ def test_a_short_script_exits_cleanly(s3_obstore_root):
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert (proc.returncode, out.strip()) == (0, "6"), err[-2000:]
+
+
+def test_without_obstore_fsspec_serves_and_asking_for_obstore_says_how(s3_root, monkeypatch):
+    monkeypatch.delenv("ZARRCKPT_STORAGE_BACKEND")
+    monkeypatch.setitem(sys.modules, "obstore", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "zarrckpt._storage.obstore")
+    url, options = s3_root
+    assert isinstance(open_storage(url, options), S3Storage)
+    with pytest.raises(ImportError, match=r"pip install 'zarrckpt\[obstore\]'"):
+        open_storage(url, {**options, "backend": "obstore"})
