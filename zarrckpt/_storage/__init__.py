@@ -6,7 +6,16 @@ The backend is chosen by what the location *is*, not by how it was spelled: an S
 gets conditional commits whether it came as a URL, a mapper or an ``FsspecStore``.
 
 - ``local``: a directory (:class:`LocalStorage`);
-- ``objects``: any zarr store, with lease objects; S3 with conditional PUTs.
+- ``obstore``: ``s3://``, ``gs://``, ``az://`` / ``abfs://`` URLs through obstore (Rust), when it
+  is installed and can honour the ``storage_options``; conditional PUTs on all three;
+- ``objects``: any zarr store, with lease objects (every other URL, and the fallback for the
+  ones above); S3 through s3fs and GCS through gcsfs with conditional PUTs.
+
+Which client serves a URL: the ``backend`` argument, else a ``"backend"`` entry of
+``storage_options`` (popped here, so every public function takes it), else the
+``ZARRCKPT_STORAGE_BACKEND`` environment variable, else ``"auto"``: obstore where it is
+installed and takes the options, fsspec otherwise. Defaults from fsspec's configuration
+(``fsspec.config.conf["s3"]``, ``FSSPEC_S3_*`` variables) apply to both clients.
 """
 
 from __future__ import annotations
@@ -14,29 +23,100 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import fsspec.config
 import fsspec.core
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore
 
 from .base import Storage, check_key
 from .local import LocalStorage
-from .objects import S3Storage, StoreStorage, protocols
+from .objects import GCSStorage, S3Storage, StoreStorage, protocols
 
-__all__ = ["LocalStorage", "S3Storage", "Storage", "StoreStorage", "check_key", "open_storage"]
+__all__ = [
+    "BACKENDS",
+    "GCSStorage",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "StoreStorage",
+    "check_key",
+    "open_storage",
+]
 
 _S3 = {"s3", "s3a"}
+_GCS = {"gs", "gcs"}
+#: URLs obstore can serve (``_storage.obstore.PROTOCOLS``, without importing obstore)
+OBSTORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+#: fsspec's configuration sections per protocol family (S3FileSystem.protocol, ...)
+_FAMILIES = ({"s3", "s3a"}, {"gs", "gcs"}, {"az", "abfs", "abfss"})
+BACKENDS = ("auto", "obstore", "fsspec")
 
 
 def _for_store(store: Store, url: str | None = None) -> Storage:
     if isinstance(store, FsspecStore) and protocols(store) & _S3 and hasattr(store.fs, "_call_s3"):
         return S3Storage(store, url or f"s3://{store.path}")
+    if isinstance(store, FsspecStore) and protocols(store) & _GCS and hasattr(store.fs, "_call"):
+        return GCSStorage(store, url or f"gs://{store.path}")
     return StoreStorage(store, url)
 
 
+def _backend(options: dict[str, Any], backend: str | None) -> tuple[str, bool]:
+    """The client asked for (argument, ``storage_options["backend"]``, environment) and
+    whether it was asked for explicitly (the environment only states a preference)."""
+    option = options.pop("backend", None)
+    if backend is not None and option is not None and backend != option:
+        raise ValueError(f"backend={backend!r} but storage_options say backend={option!r}")
+    explicit = backend or option
+    choice = explicit or os.environ.get("ZARRCKPT_STORAGE_BACKEND") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {choice!r}")
+    return choice, bool(explicit)
+
+
+def _fsspec_defaults(protocol: str) -> dict[str, Any]:
+    """fsspec's configured defaults for ``protocol`` (what ``fsspec.filesystem`` would apply)."""
+    family = next((f for f in _FAMILIES if protocol in f), {protocol})
+    defaults: dict[str, Any] = {}
+    for name in sorted(family):
+        defaults.update(fsspec.config.conf.get(name, {}))
+    return defaults
+
+
+def _open_obstore(
+    location: str, protocol: str, path: str, options: dict[str, Any], required: bool
+) -> Storage | None:
+    """An obstore storage, or None (fsspec then) where obstore is missing or cannot serve."""
+    try:
+        from .obstore import Unsupported, open_obstore
+    except ImportError as exc:
+        if required:
+            raise ImportError(
+                "backend='obstore' needs obstore: pip install 'zarrckpt[obstore]'"
+            ) from exc
+        return None
+    try:
+        return open_obstore(location, protocol, path, {**_fsspec_defaults(protocol), **options})
+    except Unsupported as exc:
+        if required:
+            raise ValueError(f"backend='obstore' cannot open {location}: {exc}") from None
+        return None
+
+
 def open_storage(
-    location: Any, storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+    location: Any,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    read_only: bool = False,
+    backend: str | None = None,
 ) -> Storage:
-    """A :class:`Storage` for a path, URL, fsspec mapper, zarr ``Store`` or :class:`Storage`."""
+    """A :class:`Storage` for a path, URL, fsspec mapper, zarr ``Store`` or :class:`Storage`.
+
+    ``backend`` (or ``storage_options["backend"]``): ``"obstore"``, ``"fsspec"`` or
+    ``"auto"`` (see the module docstring); it chooses the client of ``s3://``, ``gs://`` and
+    ``az://`` URLs. ``"obstore"`` raises where obstore cannot serve the URL or its options.
+    """
+    options = dict(storage_options or {})
+    choice, explicit = _backend(options, backend)
     if isinstance(location, Storage):
         return location
     if isinstance(location, Store):
@@ -52,11 +132,16 @@ def open_storage(
             f"expected a path, an fsspec URL or a zarr Store, got {type(location).__name__}"
         )
     protocol, path = fsspec.core.split_protocol(location)
+    if choice == "obstore" and explicit and protocol not in OBSTORE_PROTOCOLS:
+        raise ValueError(f"backend='obstore' serves s3://, gs:// and az:// URLs, not {location!r}")
     if protocol in (None, "file", "local"):
-        if storage_options:
+        if options:
             raise ValueError("storage_options apply to remote URLs, not to local paths")
         return LocalStorage(path)
-    options = dict(storage_options or {})
+    if protocol in OBSTORE_PROTOCOLS and choice != "fsspec":
+        storage = _open_obstore(location, protocol, path, options, required=choice == "obstore")
+        if storage is not None:
+            return storage
     if protocol in _S3:
         # s3fs sends a HEAD before every whole-object GET unless max_concurrency is 1; our
         # objects are single chunks, so this halves the requests of a load.

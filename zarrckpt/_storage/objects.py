@@ -9,9 +9,10 @@ writer that died (or stalled for longer than the TTL, which the README's Safety 
 asks users to avoid by keeping the TTL well above any pause of their process).
 
 Conditional publication of the manifest: S3 (``If-Match`` / ``If-None-Match``, see
-:class:`S3Storage`) and in-process stores (memory), where a compare-and-set under a lock is
-exact. Other backends (GCS through gcsfs, generic fsspec filesystems) replace the manifest
-unconditionally: one writer per root, and the commit warns once.
+:class:`S3Storage`), GCS (``ifGenerationMatch``, see :class:`GCSStorage`) and in-process
+stores (memory), where a compare-and-set under a lock is exact. Other backends (generic
+fsspec filesystems) replace the manifest unconditionally: one writer per root, and the
+commit warns once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from zarr.abc.store import Store
 from zarr.buffer import cpu, default_buffer_prototype
@@ -31,7 +33,7 @@ from zarr.storage import FsspecStore
 
 from .base import Storage, check_key
 
-__all__ = ["S3Storage", "StoreStorage", "protocols"]
+__all__ = ["GCSStorage", "LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
 
 _LEASE = ".zarrckpt-lease"
 
@@ -54,55 +56,23 @@ def protocols(store: Store) -> set[str]:
 _LOCAL_LOCKS: dict[str, asyncio.Lock] = {}
 
 
-class StoreStorage(Storage):
-    """Any zarr v3 ``Store`` (``FsspecStore`` for URLs, ``MemoryStore``, ...)."""
+class LeaseObjects:
+    """Writer leases as objects (see the module docstring), for any backend with get/put/delete.
 
-    leases = True
+    A mix-in: the backend provides ``put``, ``get`` and ``delete`` (of one key).
+    """
 
-    def __init__(self, store: Store, url: str | None = None) -> None:
-        self.store = store
-        self.url = url or str(store)
-        self._in_process = "memory" in protocols(store)
-        self.conditional_writes = self._in_process
-        self._heartbeats: dict[str, asyncio.Task[None]] = {}
-
-    async def get(self, key: str) -> bytes | None:
-        async with self.errors("reading", check_key(self.url, key)):
-            buf = await self.store.get(key, prototype=default_buffer_prototype())
-        return None if buf is None else buf.to_bytes()
-
-    async def put(self, key: str, parts: Sequence[Any]) -> None:
-        data = b"".join(memoryview(p).cast("B") for p in parts)
-        async with self.errors("writing", check_key(self.url, key)):
-            await self.store.set(key, cpu.Buffer.from_bytes(data))
-
-    async def put_atomic(self, key: str, data: bytes) -> None:
-        # A single PUT of one object is atomic on object stores and in memory.
-        await self.put(key, [data])
-
-    async def list_dir(self, prefix: str = "") -> list[str]:
-        async with self.errors("listing", check_key(self.url, prefix)):
-            return sorted([name async for name in self.store.list_dir(prefix)])
-
-    async def delete_dir(self, prefix: str) -> None:
-        async with self.errors("deleting", check_key(self.url, prefix)):
-            await self.store.delete_dir(prefix)
-
-    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
-        if not self._in_process:
-            return await super().put_if_unchanged(key, data, token)
-        lock = _LOCAL_LOCKS.setdefault(self.url, asyncio.Lock())
-        async with lock:
-            if await self.get(key) != token:
-                return False
-            await self.put_atomic(key, data)
-            return True
-
-    # --- leases ----------------------------------------------------------------------------
+    async def delete(self, key: str) -> None:
+        """Delete one object (absent: no error)."""
+        raise NotImplementedError
 
     async def _write_lease(self, step_dir: str, writer: str) -> None:
         doc = {"writer": writer, "expires": time.time() + _lease_ttl()}
-        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])
+        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])  # type: ignore[attr-defined]
+
+    @property
+    def _heartbeats(self) -> dict[str, asyncio.Task[None]]:
+        return self.__dict__.setdefault("_heartbeat_tasks", {})  # type: ignore[no-any-return]
 
     async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         writer = uuid.uuid4().hex
@@ -122,11 +92,10 @@ class StoreStorage(Storage):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        async with self.errors("deleting", step_dir):
-            await self.store.delete(f"{step_dir}/{_LEASE}")
+        await self.delete(f"{step_dir}/{_LEASE}")
 
     async def lease_expired(self, step_dir: str, created: float) -> bool:
-        data = await self.get(f"{step_dir}/{_LEASE}")
+        data = await self.get(f"{step_dir}/{_LEASE}")  # type: ignore[attr-defined]
         if data is None:
             return True  # finished: its writer committed or gave up
         try:
@@ -134,6 +103,54 @@ class StoreStorage(Storage):
         except (ValueError, KeyError, TypeError):
             return True  # not a lease any zarrckpt wrote
         return time.time() > expires
+
+
+class StoreStorage(LeaseObjects, Storage):
+    """Any zarr v3 ``Store`` (``FsspecStore`` for URLs, ``MemoryStore``, ...)."""
+
+    leases = True
+
+    def __init__(self, store: Store, url: str | None = None) -> None:
+        self.store = store
+        self.url = url or str(store)
+        self._in_process = "memory" in protocols(store)
+        self.conditional_writes = self._in_process
+
+    async def get(self, key: str) -> bytes | None:
+        async with self.errors("reading", check_key(self.url, key)):
+            buf = await self.store.get(key, prototype=default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    async def put(self, key: str, parts: Sequence[Any]) -> None:
+        data = b"".join(memoryview(p).cast("B") for p in parts)
+        async with self.errors("writing", check_key(self.url, key)):
+            await self.store.set(key, cpu.Buffer.from_bytes(data))
+
+    async def put_atomic(self, key: str, data: bytes) -> None:
+        # A single PUT of one object is atomic on object stores and in memory.
+        await self.put(key, [data])
+
+    async def delete(self, key: str) -> None:
+        async with self.errors("deleting", check_key(self.url, key)):
+            await self.store.delete(key)
+
+    async def list_dir(self, prefix: str = "") -> list[str]:
+        async with self.errors("listing", check_key(self.url, prefix)):
+            return sorted([name async for name in self.store.list_dir(prefix)])
+
+    async def delete_dir(self, prefix: str) -> None:
+        async with self.errors("deleting", check_key(self.url, prefix)):
+            await self.store.delete_dir(prefix)
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        if not self._in_process:
+            return await super().put_if_unchanged(key, data, token)
+        lock = _LOCAL_LOCKS.setdefault(self.url, asyncio.Lock())
+        async with lock:
+            if await self.get(key) != token:
+                return False
+            await self.put_atomic(key, data)
+            return True
 
 
 class S3Storage(StoreStorage):
@@ -177,4 +194,56 @@ class S3Storage(StoreStorage):
                 ):
                     return False
                 raise
+        return True
+
+
+class GCSStorage(StoreStorage):
+    """GCS through gcsfs, with generation preconditions for the manifest.
+
+    The manifest is read with its generation (``x-goog-generation``) and replaced by one upload
+    with ``ifGenerationMatch=<generation>`` (``0``: only if absent, as gcsfs's own
+    ``mode="create"`` sends); GCS answers 412, which gcsfs raises as ``FileExistsError``.
+    """
+
+    conditional_writes = True
+
+    def __init__(self, store: FsspecStore, url: str) -> None:
+        super().__init__(store, url)
+        self.conditional_writes = True
+
+    def _path(self, key: str) -> str:
+        return f"{self.store.path}/{key}"
+
+    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+        fs = self.store.fs
+        async with self.errors("reading", key):
+            try:
+                headers, data = await fs._call("GET", fs.url(self._path(key)))
+                generation = headers.get("x-goog-generation")
+                if generation is None:  # pin the content to the generation it belongs to
+                    info = await fs._info(self._path(key))
+                    generation = str(info["generation"])
+                    url = fs.url(self._path(key), generation=generation)
+                    _, data = await fs._call("GET", url)
+            except FileNotFoundError:
+                return None, None
+        return data, str(generation)
+
+    async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
+        fs = self.store.fs
+        bucket, path, _ = fs.split_path(self._path(key))
+        async with self.errors("writing", key):
+            try:
+                await fs._call(
+                    "POST",
+                    f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                    uploadType="media",
+                    name=path,
+                    ifGenerationMatch="0" if token is None else token,
+                    data=data,
+                    headers={"Content-Type": "application/octet-stream"},
+                    json_out=True,
+                )
+            except FileExistsError:  # 412: the generation changed
+                return False
         return True
