@@ -451,15 +451,28 @@ def _single_writer_warnings(record) -> list:
     return [w for w in record if issubclass(w.category, SingleWriterWarning)]
 
 
-def test_gcs_root_warns_single_writer_once(gcs_root):
+def test_gcs_publishes_conditionally_without_a_warning(gcs_root):
     url, options = gcs_root
-    with pytest.warns(SingleWriterWarning, match="one writer at a time"):
-        zarrckpt.save_pytree(url, {"w": np.arange(3)}, storage_options=options, verbose=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        zarrckpt.save_pytree(url, {"w": np.arange(4)}, storage_options=options, verbose=False)
+        zarrckpt.save_pytree(url, {"w": np.arange(3)}, storage_options=options, verbose=False)
     assert not _single_writer_warnings(record)
-    assert zarrckpt.load_pytree(url, storage_options=options)["w"].tolist() == [0, 1, 2, 3]
+    assert open_storage(url, options).conditional_writes
+
+
+def test_a_backend_without_conditional_writes_warns_once(tmp_path):
+    """A plain fsspec filesystem (here the local one, given as a mapper) cannot
+    compare-and-set: the first commit says so, once per root and process."""
+    import fsspec
+
+    mapper = fsspec.filesystem("file", auto_mkdir=True).get_mapper(str(tmp_path / "ckpt"))
+    with pytest.warns(SingleWriterWarning, match="one writer at a time"):
+        zarrckpt.save_pytree(mapper, {"w": np.arange(3)}, verbose=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        zarrckpt.save_pytree(mapper, {"w": np.arange(4)}, verbose=False)
+    assert not _single_writer_warnings(record)
+    assert zarrckpt.load_pytree(mapper)["w"].tolist() == [0, 1, 2, 3]
 
 
 def test_a_failed_collection_warns_and_the_next_save_collects(url, monkeypatch):

@@ -21,12 +21,13 @@ lists it; readers trust nothing else. Saving step ``N`` is, in this order:
    the crc32c of the step record), *if it is still the manifest this save started from*:
    locally under an exclusive ``flock`` on ``.zarrckpt.lock`` (temp file, ``fsync``,
    rename, ``fsync`` of the directory); on S3 one PUT with ``If-Match: <etag>`` or
-   ``If-None-Match: *``; in memory a compare-and-set under a lock. If another writer
-   published first, this save removes its directory and raises
-   :class:`~zarrckpt.errors.ConcurrentWriteError`: a commit is never lost silently.
-   Backends that cannot compare-and-set (GCS through gcsfs, other fsspec filesystems)
-   replace the manifest unconditionally: one writer per root, and the first commit to such
-   a root in a process says so with a :class:`~zarrckpt.errors.SingleWriterWarning`.
+   ``If-None-Match: *`` (Azure alike); on GCS ``ifGenerationMatch`` (``0`` for a new root);
+   in memory a compare-and-set under a lock. If another writer published first, this save
+   removes its directory and raises :class:`~zarrckpt.errors.ConcurrentWriteError`: a commit
+   is never lost silently. Backends that cannot compare-and-set (other fsspec filesystems,
+   S3-compatible servers found to ignore the conditions) replace the manifest
+   unconditionally: one writer per root, and the first commit to such a root in a process
+   says so with a :class:`~zarrckpt.errors.SingleWriterWarning`.
 5. **Release** the lease.
 6. **Collect** (best effort, :func:`collect_garbage`): delete the directories this commit
    dropped (``keep``, ``overwrite``) and debris of crashed or interrupted saves; with

@@ -167,7 +167,14 @@ def s3_config(options: dict[str, Any]) -> Config:
         if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
             raise Unsupported("no AWS credentials (and the instance metadata service is off)")
 
-    endpoint = options.pop("endpoint_url", None) or client_kwargs.pop("endpoint_url", None)
+    endpoint = (
+        options.pop("endpoint_url", None)
+        or client_kwargs.pop("endpoint_url", None)
+        # what botocore (so s3fs) reads from the environment; object_store's own variable
+        # is AWS_ENDPOINT, and it would not allow http:// without being told
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if endpoint:
         config["endpoint"] = _endpoint(endpoint, client)
     region = client_kwargs.pop("region_name", None) or config_kwargs.pop("region_name", None)
