@@ -62,7 +62,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from ._manifest import MANIFEST_KEY, Manifest, StepInfo, checksum, parse_step_dir
+from ._manifest import MANIFEST_KEY, SPARE_PREFIX, Manifest, StepInfo, checksum, parse_step_dir
 from ._storage import Storage
 from .errors import ConcurrentWriteError, SingleWriterWarning
 
@@ -76,7 +76,6 @@ __all__ = [
 ]
 
 _warned_single_writer: set[str] = set()
-_SPARE = ".spare-"
 
 
 async def read_manifest(storage: Storage) -> Manifest | None:
@@ -178,8 +177,8 @@ async def find_garbage(
     names = await storage.list_dir("")
     dead, candidates = [], []
     for name in names:
-        spare = name.startswith(_SPARE)
-        parsed = parse_step_dir(name[len(_SPARE) :] if spare else name)
+        spare = name.startswith(SPARE_PREFIX)
+        parsed = parse_step_dir(name[len(SPARE_PREFIX) :] if spare else name)
         if name in dropped:
             dead.append(name)
         elif (

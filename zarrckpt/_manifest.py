@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_MINOR",
     "FORMAT_VERSION",
     "MANIFEST_KEY",
+    "SPARE_PREFIX",
     "Manifest",
     "StepInfo",
     "checksum",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 MANIFEST_KEY = "zarr.json"
+#: A local spare (a dropped step kept for recycling, ``_storage.local``) is named
+#: ``SPARE_PREFIX + <its step directory name>``; readers never look at it.
+SPARE_PREFIX = ".spare-"
 FORMAT_VERSION = 1
 FORMAT_MINOR = 1
 _STEP_DIR = re.compile(r"^(\.tmp-)?step_(\d{10,20})\.([0-9a-f]{12})[0-9a-f]{8,32}$")

@@ -61,8 +61,6 @@ __all__ = ["main"]
 #: bigger than this is read in slabs of whole chunks.
 BATCH_BYTES = 256 * 1024 * 1024
 
-_SPARE = ".spare-"
-
 
 class UsageError(Exception):
     """A request that cannot be carried out as asked (exit status 2)."""

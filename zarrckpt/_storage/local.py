@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .._manifest import SPARE_PREFIX
 from .._sync import batch_executor
 from ..errors import CorruptCheckpointError
 from .base import Storage, check_key
@@ -58,7 +59,6 @@ __all__ = ["LocalStorage"]
 
 _LEASE = ".zarrckpt-writing"
 _LOCK = ".zarrckpt.lock"
-_SPARE = ".spare-"
 #: errors of a filesystem that has no working flock (NFS without lockd, some Lustre mounts)
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -435,7 +435,7 @@ class LocalStorage(Storage):
         if not locked:
             os.close(fd)
             return False
-        name = _SPARE + step_dir
+        name = SPARE_PREFIX + step_dir
         try:
             os.rename(path, self._path(name))
         except OSError:
