@@ -255,3 +255,54 @@ def test_saving_a_large_fortran_array_takes_little_extra_memory(tmp_path):
     extra = int(done.stdout.split()[0]) / MIB
     print(f"peak extra RSS while saving 512 MiB (Fortran order): {extra:.0f} MiB")
     assert extra < 160, f"saving took {extra:.0f} MiB on top of the array"
+
+
+PUBLISH_INTERRUPTED = textwrap.dedent(
+    """
+    import sys, time, numpy as np, zarrckpt
+    from zarrckpt._storage.local import LocalStorage
+    root = sys.argv[1]
+    zarrckpt.save_pytree(root, {"v": np.zeros(3)}, step=0, verbose=False)
+    original = LocalStorage._put_if_unchanged
+
+    def slow_publish(self, *args):  # in zarrckpt's I/O thread, as a real fsync can be slow
+        print("publishing", flush=True)
+        time.sleep(1.0)
+        return original(self, *args)
+
+    LocalStorage._put_if_unchanged = slow_publish
+    try:
+        zarrckpt.save_pytree(root, {"v": np.ones(3)}, step=1, verbose=False)
+        print("saved", flush=True)
+    except KeyboardInterrupt:
+        at_interrupt = zarrckpt.list_steps(root)
+        time.sleep(2)
+        print("steps", at_interrupt, zarrckpt.list_steps(root), flush=True)
+    """
+)
+
+
+def test_ctrl_c_during_the_publish_never_commits_afterwards(tmp_path):
+    """Interrupted while the manifest is being replaced in a thread: the commit either happens
+    before the caller sees KeyboardInterrupt or not at all, never after (it once did)."""
+    root = tmp_path / "ckpt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_INTERRUPTED, str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "publishing"
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err[-2000:]
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("steps "), out
+    at_interrupt, later = line[len("steps ") :].split("] [")
+    assert at_interrupt + "]" == "[" + later, f"committed after the interrupt: {line}"
+    steps = zarrckpt.list_steps(str(root))
+    assert steps in ([0], [0, 1], [1])
+    assert zarrckpt.load_pytree(str(root))["v"].tolist() == ([1.0] * 3 if 1 in steps else [0.0] * 3)

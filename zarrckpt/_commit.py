@@ -56,6 +56,7 @@ a manifest that no longer lists them is published. Ctrl-C during a save cancels 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import warnings
 from collections.abc import Awaitable, Callable
@@ -144,7 +145,7 @@ async def commit_step(
                 await storage.end_step(info.dir)
                 await storage.delete_dir(info.dir)
             raise
-        published = await publish(storage, new, token)
+        published = await _not_abandoned(publish(storage, new, token))
     finally:
         if leased:
             await storage.end_step(info.dir)
@@ -161,6 +162,22 @@ async def commit_step(
     except Exception as exc:
         return new, exc
     return new, None
+
+
+async def _not_abandoned(coro: Awaitable[Any]) -> Any:
+    """Await ``coro``; if cancelled meanwhile, let it finish before the cancellation goes on.
+
+    A publish runs in a thread (temp file, fsync, rename) or as an HTTP request that the
+    server may complete anyway: abandoning it would let the commit land *after* the caller
+    saw its Ctrl-C. Waiting makes the order "committed, then interrupted" or "interrupted,
+    nothing committed", never a commit after the interrupt.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 async def find_garbage(
