@@ -481,7 +481,10 @@ def _server_requests(log: str, bucket: str, since: int) -> Counter:
     with open(log, "rb") as fh:
         fh.seek(since)
         lines = fh.read().decode(errors="replace").splitlines()
-    pattern = re.compile(rf'"(GET|PUT|POST|DELETE|HEAD) /{re.escape(bucket)}[/? ]')
+    # werkzeug colours non-2xx lines with ANSI escapes where its colour support is installed
+    pattern = re.compile(
+        rf'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|DELETE|HEAD) /{re.escape(bucket)}[/? ]'
+    )
     return Counter(m.group(1) for line in lines if (m := pattern.search(line)))
 
 
