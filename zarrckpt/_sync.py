@@ -33,6 +33,9 @@ BATCH_THREADS = int(os.environ.get("ZARRCKPT_BATCH_THREADS", str(min(4, os.cpu_c
 #: background, the training loop's threads keep priority; alone, the workers run at full speed.
 WORKER_NICENESS = int(os.environ.get("ZARRCKPT_WORKER_NICENESS", "10"))
 
+#: How often a blocked caller looks for signals (Ctrl-C) while zarrckpt's loop works.
+_SLICE_S = 0.1
+
 _lock = threading.Lock()
 _batch_pool: ThreadPoolExecutor | None = None
 _loop: asyncio.AbstractEventLoop | None = None
@@ -131,7 +134,15 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
     future = asyncio.run_coroutine_threadsafe(wrapper(), loop)
     try:
-        return future.result()
+        while True:
+            # Wait in slices: the kernel may deliver SIGINT to any of the process's threads
+            # (an I/O worker, say), and then a single long wait here would not be interrupted;
+            # between slices the main thread runs pending signal handlers.
+            try:
+                return future.result(timeout=_SLICE_S)
+            except TimeoutError:
+                if future.done():
+                    raise  # the coroutine's own TimeoutError
     except BaseException:
         if not future.done():
             loop.call_soon_threadsafe(cancel)
