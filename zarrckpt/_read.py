@@ -1,10 +1,10 @@
 """Reading committed steps: open one, materialise a sub-tree, restore into a target.
 
 Everything a reader does starts from the manifest: :func:`open_step` finds the step there,
-reads its record (one request), checks the record's checksum against the manifest entry
-and validates every leaf record before anything is allocated (:func:`check_leaves`): a
-path inside the step directory, a possible layout, a known kind with what decoding it
-needs. Leaves larger than ``CROSS_CHECK_BYTES``, or cut into more than
+reads its record (one request) and checks the record's checksum against the manifest
+entry; each part of the record is validated (``_tree.validate``: a path inside the step
+directory, a possible layout, a known kind with what decoding it needs) before it is used
+(:meth:`OpenStep.valid`), so nothing is read or allocated on an unchecked claim. Leaves larger than ``CROSS_CHECK_BYTES``, or cut into more than
 ``CROSS_CHECK_CHUNKS`` chunks, are also checked against their own ``zarr.json`` and the
 listing of their chunks before their memory is allocated, so a record that claims a huge
 array must agree with the array it names and with what its chunks can hold (the chunks
@@ -18,7 +18,7 @@ import asyncio
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 from . import _leaves, _tree
 from ._commit import read_manifest
 from ._engine import read_leaves
-from ._format import ArrayLayout, shown
+from ._format import ArrayLayout
 from ._manifest import Manifest, StepInfo, parse_json, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
-from ._storage.base import is_relative_key
 from ._sync import run
 from .errors import (
     CheckpointNotFoundError,
@@ -47,7 +46,6 @@ __all__ = [
     "Mismatch",
     "OpenStep",
     "check_alive",
-    "check_leaves",
     "cross_check",
     "fetch",
     "materialize",
@@ -110,7 +108,11 @@ class OpenStep:
             _tree.validate(record, path)
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{where}: {exc}") from None
-        self.layouts.update(check_leaves(record, where))
+        # _tree.validate refused unsafe, duplicate or non-string paths and impossible layouts
+        for rec in _tree.iter_leaf_records(record):
+            self.layouts[rec["path"]] = ArrayLayout.from_json(
+                rec, f"leaf {rec['path']!r} ({where})"
+            )
         self._checked.add((id(record), path))
         return record
 
@@ -124,37 +126,6 @@ def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
             "but its data is gone"
         )
     return parse_step_record(data, info, storage.describe(key))
-
-
-def check_leaves(record: dict[str, Any], where: str) -> dict[str, ArrayLayout]:
-    """Leaf path -> layout for the leaf records of a tree record (of the step record at
-    ``where``), validated.
-
-    A record may come from a stranger: each path must stay inside the step directory and
-    be used once, each layout must be possible (the kind rules are ``_leaves.check_record``'s,
-    applied by ``_tree.validate``).
-    """
-    try:
-        return _check_leaves(_tree.iter_leaf_records(record), where)
-    except (KeyError, TypeError, AttributeError, RecursionError) as exc:  # walking the tree
-        raise CorruptCheckpointError(f"{where}: malformed tree record ({exc!r})") from None
-
-
-def _check_leaves(records: Iterable[Any], where: str) -> dict[str, ArrayLayout]:
-    out: dict[str, ArrayLayout] = {}
-    for rec in records:
-        path = rec.get("path") if isinstance(rec, dict) else None
-        if not isinstance(path, str):
-            raise CorruptCheckpointError(f"{where}: malformed leaf record {shown(rec)}")
-        if not is_relative_key(path):
-            raise CorruptCheckpointError(
-                f"{where}: leaf path {path!r:.300} leaves the step directory (an absolute "
-                "path, a '..' or an empty component); refusing it"
-            )
-        if path in out:
-            raise CorruptCheckpointError(f"{where}: two leaves have the path {path!r:.300}")
-        out[path] = ArrayLayout.from_json(rec, f"leaf {path!r:.300} ({where})")
-    return out
 
 
 def open_step(
