@@ -13,14 +13,15 @@ import asyncio
 import itertools
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ._format import ArrayLayout
 from ._indexing import Selection, normalize
+from ._sharding import Shards
 from ._storage import Storage
 from .errors import CorruptCheckpointError
 
@@ -84,12 +85,28 @@ def _chunk_consumer(
 
 @dataclass(frozen=True)
 class LeafData:
-    """A leaf to write: its path in the step, host array, layout and zarr attributes."""
+    """A leaf to write: its path in the step, host array (or the :class:`Shards` of it this
+    process writes), layout and zarr attributes."""
 
     path: str
-    array: np.ndarray
+    array: np.ndarray | Shards
     layout: ArrayLayout
     attributes: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this process writes of the leaf."""
+        return self.array.nbytes if isinstance(self.array, Shards) else self.layout.nbytes
+
+    def pieces(self) -> Iterator[tuple[tuple[int, ...], ArrayLayout, np.ndarray]]:
+        """``(first chunk index, layout, array)`` for each part written: the whole leaf, or
+        each owned shard (its layout has the shard's shape; shards start on chunk bounds)."""
+        if not isinstance(self.array, Shards):
+            yield (0,) * len(self.layout.shape), self.layout, self.array
+            return
+        for start, data in self.array.pieces:
+            origin = tuple(s // c for s, c in zip(start, self.layout.chunks, strict=True))
+            yield origin, replace(self.layout, shape=data.shape), data
 
 
 def _json_bytes(doc: dict[str, Any]) -> bytes:
@@ -168,15 +185,19 @@ async def write_step(
     step_dir: str,
     leaves: list[LeafData],
     group_paths: list[str],
-    record: bytes,
+    record: bytes | None,
     progress: Callable[[int], None] = lambda n: None,
     max_requests: int = MAX_REQUESTS_IN_FLIGHT,
     unchanged: frozenset[str] = frozenset(),
+    primary: bool = True,
 ) -> None:
     """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last.
 
     ``unchanged``: metadata keys (relative to ``step_dir``) already there with the very bytes
-    this would write (a recycled directory): they are skipped.
+    this would write (a recycled directory): they are skipped. In a collective save, the
+    ``primary`` process writes the metadata and the leaves that are not sharded over
+    processes, the others only the chunks of their :class:`Shards`; the record is written
+    apart, once all are done (``record=None``).
     """
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
 
@@ -186,13 +207,13 @@ async def write_step(
     def put_json(key: str, data: bytes) -> Callable[[], Any]:
         return lambda: storage.put(key, [data])
 
-    def put_chunk(leaf: LeafData, idx: tuple[int, ...]) -> Callable[[], Any]:
-        layout = leaf.layout
+    def put_chunk(
+        key: str, layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]
+    ) -> Callable[[], Any]:
         size = layout.chunk_nbytes
         # A raw chunk of a C-contiguous little-endian array is written from the caller's own
         # buffer (writev): it costs no memory beyond an edge chunk's padding, so it takes only
         # that from the budget. Compressed, reordered or byte-swapped chunks are copies.
-        array = leaf.array
         zero_copy = (
             storage.zero_copy_writes
             and layout.codec == "none"
@@ -204,8 +225,8 @@ async def write_step(
             size -= math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
 
         async def work() -> None:
-            parts = await _offload(size, layout.encode_at, leaf.array, idx)
-            await storage.put(f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}", parts)
+            parts = await _offload(size, layout.encode_at, array, idx)
+            await storage.put(key, parts)
 
         return _budgeted(budget, size, work, progress, min(layout.chunk_nbytes, layout.nbytes))
 
@@ -219,10 +240,21 @@ async def write_step(
     ) -> Callable[[], list[Any]]:
         return lambda: layout.encode_at(array, idx)
 
+    def chunks(leaf: LeafData) -> Iterator[tuple[str, ArrayLayout, np.ndarray, tuple[int, ...]]]:
+        """``(key, layout, array, index)`` of each chunk this process writes of ``leaf``."""
+        if not primary and not isinstance(leaf.array, Shards):
+            return
+        for origin, layout, array in leaf.pieces():
+            if not layout.nbytes:
+                continue
+            for idx in layout.chunk_ids():
+                at = tuple(o + i for o, i in zip(origin, idx, strict=True))
+                yield f"{prefixed(leaf.path)}/{layout.chunk_key(at)}", layout, array, idx
+
     batcher = _Batcher(storage.batches_small_io, batch_job)
 
     def jobs() -> Iterable[Callable[[], Any]]:
-        for path in group_paths:
+        for path in group_paths if primary else ():
             if path and f"{path}/zarr.json" not in unchanged:
                 key, doc = f"{prefixed(path)}/zarr.json", _group_json()
                 job = (
@@ -236,58 +268,54 @@ async def write_step(
             layout = leaf.layout
             meta = _json_bytes(layout.zarr_json(leaf.attributes, leaf.path))
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
-            skip_meta = f"{leaf.path}/zarr.json" in unchanged
+            skip_meta = not primary or f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:
                 items = [] if skip_meta else [(meta_key, lambda meta=meta: [meta])]
-                if layout.nbytes:
-                    items += [
-                        (
-                            f"{prefixed(leaf.path)}/{layout.chunk_key(idx)}",
-                            encoder(layout, leaf.array, idx),
-                        )
-                        for idx in layout.chunk_ids()
-                    ]
+                items += [(key, encoder(lay, array, idx)) for key, lay, array, idx in chunks(leaf)]
                 for n, item in enumerate(items):
-                    job = batcher.add(item, layout.nbytes if n == 0 else 0)
+                    job = batcher.add(item, leaf.nbytes if n == 0 else 0)
                     if job:
                         yield job
                 continue
             if not skip_meta:
                 yield put_json(meta_key, meta)
-            if layout.nbytes:
-                for idx in layout.chunk_ids():
-                    yield put_chunk(leaf, idx)
+            for key, lay, array, idx in chunks(leaf):
+                yield put_chunk(key, lay, array, idx)
         job = batcher.flush()
         if job:
             yield job
 
     await _gather_bounded(jobs(), max_requests)
-    await storage.put(f"{step_dir}/zarr.json", [record])
+    if record is not None:
+        await storage.put(f"{step_dir}/zarr.json", [record])
 
 
 async def read_selections(
     storage: Storage,
     step_dir: str,
-    requests: dict[str, tuple[ArrayLayout, Selection]],
+    requests: dict[Any, tuple[ArrayLayout, Selection]],
     progress: Callable[[int], None] = lambda n: None,
     parallel: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Read a selection of each leaf (path -> (layout, selection)); touched chunks only."""
+    """Read selections of leaves; touched chunks only. ``requests`` maps a name to
+    ``(layout, selection)``: the name is the leaf's path, or ``(path, anything)`` to read
+    several selections of one leaf."""
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
     blocks = {
-        path: np.empty(sel.shape, dtype=layout.dtype) for path, (layout, sel) in requests.items()
+        name: np.empty(sel.shape, dtype=layout.dtype) for name, (layout, sel) in requests.items()
     }
 
     def consumer(
-        path: str, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
+        name: Any, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
     ) -> tuple[str, Callable[[bytes | None], None]]:
+        path = name if isinstance(name, str) else name[0]
         idx = tuple(p[0] for p in parts)
         inner = tuple(p[1] for p in parts)
         outer = tuple(p[2] for p in parts)
         key = f"{step_dir}/{path}/{layout.chunk_key(idx)}"
 
         def put(chunk: np.ndarray) -> None:
-            blocks[path][outer] = chunk[inner]
+            blocks[name][outer] = chunk[inner]
 
         return key, _chunk_consumer(storage, path, layout, key, put)
 
@@ -320,15 +348,16 @@ async def read_selections(
     batcher = _Batcher(storage.batches_small_io and parallel, batch_job)
 
     def jobs() -> Iterable[Callable[[], Any]]:
-        for path, (layout, sel) in requests.items():
-            if not blocks[path].size:
+        for name, (layout, sel) in requests.items():
+            if not blocks[name].size:
                 continue
+            path = name if isinstance(name, str) else name[0]
             per_axis = [
                 a.projections(c, n)
                 for a, c, n in zip(sel.axes, layout.chunks, layout.shape, strict=True)
             ]
             for parts in itertools.product(*per_axis):
-                key, decode_into = consumer(path, layout, parts)
+                key, decode_into = consumer(name, layout, parts)
                 size = layout.chunk_nbytes
                 if batcher.enabled and size < _INLINE_BYTES:
                     job = batcher.add((key, decode_into), size)
@@ -339,7 +368,7 @@ async def read_selections(
                         math.prod(p[2].stop - p[2].start for p in parts) * layout.dtype.itemsize
                     )
                     dest = (
-                        layout.direct_destination(blocks[path], parts)
+                        layout.direct_destination(blocks[name], parts)
                         if storage.reads_into
                         else None
                     )
@@ -352,7 +381,7 @@ async def read_selections(
             yield job
 
     await _gather_bounded(jobs(), MAX_REQUESTS_IN_FLIGHT if parallel else 1)
-    return {path: sel.finish(blocks[path]) for path, (_, sel) in requests.items()}
+    return {name: sel.finish(blocks[name]) for name, (_, sel) in requests.items()}
 
 
 async def read_leaves(

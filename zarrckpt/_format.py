@@ -7,6 +7,9 @@ TensorStore read every variant:
 
 * a ``regular`` chunk grid whose chunks split the leading axes only, so that a chunk of a
   C-contiguous array is a contiguous slice of it (no gather on write, no scatter on read);
+  except for arrays sharded over several processes, whose chunks divide the shards on
+  whichever axes the sharding splits (``_sharding``), and which any reader must handle
+  anyway (arrays written by other tools);
 * the ``default`` chunk key encoding with ``.`` (``c.0.0``; ``c`` for a 0-d array), so a
   leaf's chunks sit beside its ``zarr.json`` and a small leaf costs one directory, not two;
 * codecs ``bytes`` (little-endian), optionally ``zstd`` or ``gzip``, then ``crc32c`` on
@@ -34,6 +37,7 @@ import numcodecs
 import numpy as np
 
 from . import _dtypes
+from ._sharding import Shards, aligned_chunks
 from .errors import CorruptCheckpointError
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec", "shown"]
@@ -139,10 +143,16 @@ class ArrayLayout:
 
     @classmethod
     def for_array(
-        cls, array: np.ndarray, chunk_bytes: int | None = None, codec: str | None = None
+        cls, array: np.ndarray | Shards, chunk_bytes: int | None = None, codec: str | None = None
     ) -> ArrayLayout:
+        """The layout zarrckpt gives ``array``; the chunks of a sharded array divide its
+        shards (see ``_sharding``)."""
         dtype = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
-        chunks = chunk_shape(array.shape, dtype.itemsize, chunk_bytes or DEFAULT_CHUNK_BYTES)
+        chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
+        if isinstance(array, Shards):
+            chunks = aligned_chunks(array, chunk_bytes)
+        else:
+            chunks = chunk_shape(array.shape, dtype.itemsize, chunk_bytes)
         return cls(
             array.shape, dtype, chunks, parse_codec(codec) if codec else default_codec(dtype)
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _dtypes
+from . import _dtypes, _sharding
 from ._format import ArrayLayout, parse_codec
 from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarning
 
@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "describe",
     "encode",
+    "global_target",
     "is_leaf",
     "restore",
     "state_subtree",
@@ -99,6 +100,8 @@ def is_leaf(value: Any) -> bool:
         return True
     if _is(value, _module_attr("jax", "Array")) or _is(value, _brainpy_array_type()):
         return True
+    if _is(value, _module_attr("jax", "ShapeDtypeStruct")):  # a target: restores a jax.Array
+        return True
     if _is(value, _quantity_type()):
         return True
     if _is(value, _module_attr("brainstate", "State")):
@@ -117,10 +120,14 @@ def state_subtree(value: Any) -> tuple[Any] | None:
     return None
 
 
-def _host_array(path: str, value: Any, copy: bool) -> np.ndarray:
-    """``value`` as a numpy array with a supported dtype (a copy if ``copy``)."""
+def _host_array(path: str, value: Any, copy: bool) -> Any:
+    """``value`` as a numpy array with a supported dtype (a copy if ``copy``); a ``jax.Array``
+    sharded over other processes too as the :class:`~zarrckpt._sharding.Shards` this
+    process writes."""
     jax_array = _module_attr("jax", "Array")
-    if _is(value, jax_array):
+    if _is(value, jax_array) and _sharding.is_global(value):
+        array = _sharding.owned_pieces(value, copy=False)  # immutable device buffers
+    elif _is(value, jax_array):
         array = np.asarray(value)  # device -> host; JAX arrays are immutable, so no copy
     elif isinstance(value, np.ndarray):
         array = value.copy() if copy else value
@@ -157,12 +164,20 @@ def _unit_from_record(rec: dict[str, Any]) -> Any:
         scale=rec["scale"],
         base=rec["base"],
         factor=rec["factor"],
-        name=rec["name"],
-        dispname=rec["dispname"],
+        name=rec.get("name"),
+        dispname=rec.get("dispname"),  # optional: _check_unit allows them absent
     )
 
 
-def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+def _sharding_field(value: Any) -> dict[str, Any]:
+    """``{"sharding": ...}`` for a ``jax.Array`` spread over several devices, else nothing."""
+    if not _is(value, _module_attr("jax", "Array")):
+        return {}
+    described = _sharding.describe(value.sharding, tuple(value.shape))
+    return {"sharding": described} if described else {}
+
+
+def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:
     """A host array for ``value`` and its kind record.
 
     With ``copy=True`` the array does not alias anything the caller may mutate later (numpy
@@ -174,6 +189,7 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, di
         return _host_array(path, value.value, copy), {
             "kind": "brainpy",
             "class": type(value).__name__,
+            **_sharding_field(value.value),
         }
     if _is(value, _module_attr("brainstate", "State")):
         inner = value.value
@@ -184,7 +200,7 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, di
             )
         array, rec = encode(path, inner, copy=copy)
         if rec["kind"] in ("jax", "ndarray", "npscalar"):
-            return array, {"kind": "state", "class": type(value).__name__}
+            return array, {"kind": "state", "class": type(value).__name__, **_sharding_field(inner)}
         return array, {**rec, "state": type(value).__name__}
     if _is(value, _quantity_type()):
         return _host_array(path, value.mantissa, copy), {
@@ -197,7 +213,7 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[np.ndarray, di
         data = jax.random.key_data(value)
         return _host_array(path, data, copy), {"kind": "prngkey", "impl": _key_impl(value)}
     if _is(value, _module_attr("jax", "Array")):
-        return _host_array(path, value, copy), {"kind": "jax"}
+        return _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
     if isinstance(value, np.ndarray):
         return _host_array(path, value, copy), {"kind": "ndarray"}
     if isinstance(value, np.generic):
@@ -296,6 +312,21 @@ def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     return tuple(shape), np.dtype(dtype)
 
 
+def global_target(target: Any) -> Any:
+    """The ``jax.Array`` or ``jax.ShapeDtypeStruct`` inside a target leaf if it is sharded
+    over other processes too (each process then reads only its shards), else None."""
+    if _is(target, _brainpy_array_type()) or _is(target, _module_attr("brainstate", "State")):
+        target = target.value
+    if _is(target, _quantity_type()):
+        target = target.mantissa
+    jax_types = tuple(
+        t for t in (_module_attr("jax", "Array"), _module_attr("jax", "ShapeDtypeStruct")) if t
+    )
+    if not jax_types or not isinstance(target, jax_types) or _is_key(target):
+        return None
+    return target if _sharding.is_global(target) else None
+
+
 def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
     """``array`` (already checked against ``target``'s shape and dtype) in ``target``'s form.
 
@@ -324,6 +355,11 @@ def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
         import jax
 
         return jax.device_put(array, target.sharding)
+    if _is(target, _module_attr("jax", "ShapeDtypeStruct")):
+        import jax
+
+        sharding = target.sharding
+        return jax.device_put(array, sharding) if sharding is not None else jax.numpy.asarray(array)
     if isinstance(target, np.ndarray):
         return array
     if isinstance(target, np.generic):
@@ -427,6 +463,8 @@ def check_record(rec: dict[str, Any]) -> str | None:
     for field in ("class", "state"):
         if not isinstance(rec.get(field), (str, type(None))):
             return f"the leaf's {field!r} must be a string"
+    if not isinstance(rec.get("sharding", {}), dict):  # descriptive only: never acted on
+        return "the leaf's 'sharding' must be an object"
     if kind in ("py", "npscalar") and layout.shape != ():
         return f"a {kind} leaf must be 0-d, found shape {layout.shape}"
     if kind == "py":

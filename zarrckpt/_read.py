@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from . import _leaves, _tree
+from . import _leaves, _sharding, _tree
 from ._commit import read_manifest
-from ._engine import read_leaves
+from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout
+from ._indexing import normalize
 from ._manifest import Manifest, StepInfo, parse_json, parse_step_record
 from ._repr import human
 from ._storage import Storage, open_storage
@@ -52,6 +53,7 @@ __all__ = [
     "open_step",
     "progress_bar",
     "read",
+    "read_shards",
     "rebuild_leaf",
     "restore_into",
 ]
@@ -233,6 +235,43 @@ def read(
     return arrays
 
 
+def read_shards(opened: OpenStep, shardings: dict[str, Any], parallel: bool) -> dict[str, Any]:
+    """Leaves (path -> target sharding) as global ``jax.Array``s: this process reads only the
+    chunks that overlap its addressable shards, each chunk once where its shards tile a box
+    (the usual case: a process's devices are a block of the mesh)."""
+    import jax
+
+    wanted = {path: opened.layouts[path] for path in shardings}
+    run(cross_check(opened, wanted))
+    requests, placed = {}, {}
+    for path, sharding in shardings.items():
+        shape = wanted[path].shape
+        regions = _sharding.regions(sharding, shape)
+        box = _sharding.bounding([index for index, _ in regions])
+        for n, read_as in enumerate([box] if box else [index for index, _ in regions]):
+            requests[(path, n)] = (wanted[path], normalize(read_as, shape))
+            placed[(path, n)] = [
+                (_sharding.within(index, read_as), devices)
+                for index, devices in regions
+                if box or index == read_as
+            ]
+    storage, step_dir = opened.storage, opened.info.dir
+    blocks = fetch(opened, read_selections(storage, step_dir, requests, parallel=parallel))
+    out = {}
+    for path, sharding in shardings.items():
+        on_devices = [
+            jax.device_put(block[inside], device)
+            for name, block in blocks.items()
+            if name[0] == path
+            for inside, devices in placed[name]
+            for device in devices
+        ]
+        out[path] = jax.make_array_from_single_device_arrays(
+            wanted[path].shape, sharding, on_devices
+        )
+    return out
+
+
 def _warn_missing_class(spec: str) -> None:
     warnings.warn(
         f"class {spec} is not loaded in this process (zarrckpt never imports a class named "
@@ -325,7 +364,15 @@ def restore_into(
         if mismatch == "error":
             raise StructureMismatchError(message)
         warnings.warn(message, StructureMismatchWarning, stacklevel=3)
-    arrays = read(opened, list(wanted.values()), parallel, verbose)
+    shards = {i: inner for i, (_, value, _) in enumerate(pairs) if i in wanted
+              for inner in [_leaves.global_target(value)] if inner is not None}  # fmt: skip
+    arrays = read(opened, [r for i, r in wanted.items() if i not in shards], parallel, verbose)
+    if shards:
+        arrays.update(
+            read_shards(
+                opened, {wanted[i]["path"]: v.sharding for i, v in shards.items()}, parallel
+            )
+        )
     values = [
         rebuild_leaf(
             opened, wanted[i], _leaves.restore, value, wanted[i], arrays[wanted[i]["path"]]

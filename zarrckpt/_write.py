@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from . import _leaves, _tree
+from . import _collective, _leaves, _tree
 from ._commit import commit_step, read_manifest_versioned
 from ._engine import LeafData, write_step
 from ._format import ArrayLayout
@@ -149,44 +149,70 @@ def save(
         async_manager.wait_previous_save()  # overwrite/keep must see committed state
     chunk_bytes = chunk_bytes or storage.default_chunk_bytes
     snapshot = plan(target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec)
-    found, token = run(read_manifest_versioned(storage))
-    base = found or Manifest()
-    number = _resolve_step(base, step, overwrite, storage.url)
-    info = StepInfo(
-        number, new_step_dir(number), time.time(), len(snapshot.leaves), snapshot.nbytes
-    )
-    if not overwrite:
-        dropped = [s.step for s in base.steps if s not in base.with_step(info, keep).steps]
-        if dropped:
-            raise AlreadyExistsError(
-                f"{storage.url}: keep={keep} would delete committed step(s) {dropped}, which "
-                "overwrite=False protects; pass keep=None (keep all) or overwrite=True"
-            )
+
+    def decide() -> tuple[Manifest, Any, StepInfo]:
+        found, token = run(read_manifest_versioned(storage))
+        base = found or Manifest()
+        number = _resolve_step(base, step, overwrite, storage.url)
+        info = StepInfo(
+            number, new_step_dir(number), time.time(), len(snapshot.leaves), snapshot.nbytes
+        )
+        if not overwrite:
+            dropped = [s.step for s in base.steps if s not in base.with_step(info, keep).steps]
+            if dropped:
+                raise AlreadyExistsError(
+                    f"{storage.url}: keep={keep} would delete committed step(s) {dropped}, "
+                    "which overwrite=False protects; pass keep=None (keep all) or overwrite=True"
+                )
+        return base, token, info
+
+    collective = _collective.group()  # every process of a multi-process JAX job saves
+    if collective is None:
+        base, token, info = decide()
+    else:
+        base, token, info = collective.decide(snapshot.record, decide)  # type: ignore[assignment]
+        verbose = verbose and collective.leader
+    number = info.step
     record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
     location = storage.describe(info.dir)
 
     def task() -> None:
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
-        with progress_bar(snapshot.nbytes, f"save step {number}", show_bar) as progress:
+        total = sum(leaf.nbytes for leaf in snapshot.leaves)
+        with progress_bar(total, f"save step {number}", show_bar) as progress:
+
+            async def recycled(old_record: bytes | None) -> frozenset[str]:
+                """Ready a recycled directory (same names, rewritten in place) for this
+                tree; the metadata keys it already holds with the right bytes."""
+                if old_record is None:
+                    return frozenset()
+                old = _old_tree(old_record)
+                if old == snapshot.record:  # the loop's usual case: the same tree again
+                    return snapshot.metadata_keys()
+                await storage.trim(info.dir, snapshot.keys())
+                return snapshot.unchanged_metadata(old)
 
             async def write(old_record: bytes | None) -> None:
-                unchanged: frozenset[str] = frozenset()
-                if old_record is not None:  # a recycled directory: same names, rewritten
-                    old = _old_tree(old_record)
-                    if old == snapshot.record:  # the loop's usual case: the same tree again
-                        unchanged = snapshot.metadata_keys()
-                    else:
-                        await storage.trim(info.dir, snapshot.keys())
-                        unchanged = snapshot.unchanged_metadata(old)
                 await write_step(
                     storage, info.dir, snapshot.leaves, snapshot.groups, record, progress,
-                    unchanged=unchanged,
+                    unchanged=await recycled(old_record),
                 )  # fmt: skip
 
-            _, collect_error = run(
-                commit_step(storage, base, token, info, keep, record, write, recycle)
-            )
+            async def write_part(primary: bool, old_record: bytes | None) -> None:
+                await write_step(
+                    storage, info.dir, snapshot.leaves, snapshot.groups, None, progress,
+                    unchanged=await recycled(old_record), primary=primary,
+                )  # fmt: skip
+
+            if collective is None:
+                _, collect_error = run(
+                    commit_step(storage, base, token, info, keep, record, write, recycle)
+                )
+            else:
+                collect_error = collective.commit(
+                    storage, base, token, info, keep, record, write_part, recycle
+                )
         if collect_error is not None:
             warnings.warn(
                 f"{storage.url}: step {number} is committed, but deleting old steps failed "

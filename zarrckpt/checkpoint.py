@@ -152,6 +152,8 @@ class LeafInfo:
     chunks: tuple[int, ...]
     codec: str
     kind: str
+    #: how the leaf was sharded when saved (mesh, spec, shard shape), if over several devices
+    sharding: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -167,6 +169,7 @@ def _leaf_info(rec: dict[str, Any]) -> LeafInfo:
         layout.chunks,
         layout.codec,
         rec.get("kind", "ndarray"),
+        rec.get("sharding"),
     )
 
 

@@ -56,6 +56,11 @@ class StoreError(ZarrCkptError, OSError):
     """The storage backend failed; the message names the URL."""
 
 
+class CollectiveError(ZarrCkptError, RuntimeError):
+    """A save by every process of a multi-process JAX job failed on another process, or the
+    processes did not all make it (nothing was committed)."""
+
+
 class ZarrCkptWarning(UserWarning):
     """Base class of every warning zarrckpt emits."""
 
