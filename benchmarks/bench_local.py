@@ -468,7 +468,9 @@ def main() -> None:
     )
     parser.add_argument("--scenario", choices=["fresh", "loop"], default="fresh")
     parser.add_argument("--saves", type=int, default=8, help="loop: saves per system")
-    parser.add_argument("--epoch-s", type=float, default=3.0, help="loop: seconds between async saves")
+    parser.add_argument(
+        "--epoch-s", type=float, default=3.0, help="loop: seconds between async saves"
+    )
     parser.add_argument("--keep-dir", action="store_true", help="loop: keep the checkpoints")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--loop-worker", action="store_true", help=argparse.SUPPRESS)
