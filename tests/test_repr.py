@@ -436,14 +436,19 @@ CHROMIUM_FLAGS = [
     "--hide-scrollbars", "--window-size=1100,900",
 ]  # fmt: skip
 
-#: Appended to a page: reports what is visible before and after every fold is opened, the
-#: colours the repr resolves to, and whether any markup from a name ran.
+#: Appended to a page: reports what is visible (all of it, and of each repr) before and after
+#: every fold is opened, the colours the first repr resolves to, how many images were
+#: decoded, and whether any markup from a name ran.
 PROBE = """
 <script>
+const wraps = [...document.querySelectorAll('.zck-wrap')];
 const out = {collapsed: document.body.innerText};
+out.reprs = wraps.map(w => ({collapsed: w.innerText}));
 for (const box of document.querySelectorAll('.zck-in:not(:disabled)')) box.checked = true;
 out.expanded = document.body.innerText;
-const wrap = document.querySelector('.zck-wrap');
+wraps.forEach((w, i) => { out.reprs[i].expanded = w.innerText; });
+out.images = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+const wrap = wraps[0];
 out.background = getComputedStyle(wrap).backgroundColor;
 out.color = getComputedStyle(wrap).color;
 out.fallback = getComputedStyle(document.querySelector('.zck-fallback')).display;

@@ -355,7 +355,8 @@ body.vscode-dark .zck {
 }
 .zck-wrap pre.zck-values {
   margin: 0 0 4px; padding: 0; background: transparent; color: var(--zck-fg);
-  white-space: pre; overflow-x: auto; font-size: 0.9em;
+  white-space: pre; overflow-x: auto; line-height: 1.3;
+  font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 0.9em);
 }
 .zck-wrap table.zck-table {
   border-collapse: collapse; margin: 2px 0; width: auto; font-size: inherit;
