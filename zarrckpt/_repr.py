@@ -54,7 +54,7 @@ MAX_STEPS = 20
 #: NumPy's defaults for when and how to summarise an array.
 EDGEITEMS, THRESHOLD = 3, 1000
 #: Elements above which a sample's preview is summarised.
-PREVIEW_THRESHOLD = 100
+PREVIEW_THRESHOLD = 24
 
 #: ``{leaf path: box}`` -> ``{leaf path: values}``, read in one batch.
 Reader = Callable[[dict[str, tuple[slice, ...]]], dict[str, np.ndarray]]
