@@ -433,7 +433,7 @@ def test_html_of_a_lazy_array(odd):
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars", "--window-size=1100,900",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1100,900",
 ]  # fmt: skip
 
 #: Appended to a page: reports what is visible (all of it, and of each repr) before and after
