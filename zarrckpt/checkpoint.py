@@ -308,7 +308,23 @@ class _View:
         return _repr.text_tree(type(self).__name__, self._title(), self.tree(), self.leaves())
 
     def _repr_html_(self) -> str:
-        return _repr.html_tree(type(self).__name__, self._title(), self.tree(), self.leaves())
+        opened = self._opened
+        records = {rec["path"]: rec for rec in _tree.iter_leaf_records(self._checked())}
+
+        def read(boxes: dict[str, tuple[slice, ...]]) -> dict[str, np.ndarray]:
+            """Samples of many leaves in one batch, through the verified reader."""
+            request = {}
+            for path, box in boxes.items():
+                layout = opened.layouts.get(path) or ArrayLayout.from_json(records[path])
+                request[path] = (layout, normalize(box, layout.shape))
+            return fetch(opened, read_selections(opened.storage, opened.info.dir, request))
+
+        return _repr.html_tree(
+            type(self).__name__, self._title(), self.tree(), self.leaves(),
+            records=records, read=read, root=opened.storage.url, step=opened.info,
+            steps=opened.manifest.steps if isinstance(self, Checkpoint) else None,
+            path=self.path,
+        )  # fmt: skip
 
 
 class Checkpoint(_View):
@@ -492,7 +508,8 @@ class LazyArray:
         }
 
     def __repr__(self) -> str:
-        return _repr.text_leaf(self.path, _leaf_info(self._record))
+        """Layout, then NumPy's repr of the values from the edge items alone (see ``_repr``)."""
+        return _repr.text_leaf(self, self._record)
 
     def _repr_html_(self) -> str:
-        return _repr.html_leaf(self.path, _leaf_info(self._record))
+        return _repr.html_leaf(self, self._record, _leaf_info(self._record))
