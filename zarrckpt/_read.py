@@ -15,15 +15,11 @@ a whole leaf is materialised: slicing a huge leaf reads only what is asked for.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from tqdm.auto import tqdm
 
 from . import _leaves, _sharding, _tree
 from ._commit import read_manifest
@@ -31,6 +27,7 @@ from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout
 from ._indexing import normalize
 from ._manifest import Manifest, StepInfo, parse_json, parse_step_record
+from ._progress import progress_bar
 from ._repr import human
 from ._storage import Storage, open_storage
 from ._sync import run
@@ -51,7 +48,6 @@ __all__ = [
     "fetch",
     "materialize",
     "open_step",
-    "progress_bar",
     "read",
     "read_shards",
     "rebuild_leaf",
@@ -66,19 +62,6 @@ CROSS_CHECK_BYTES = 64 * 1024 * 1024
 #: ... and so are leaves cut into more chunks than this (a record claiming millions of tiny
 #: chunks would otherwise cost per-chunk work before the first missing one is found).
 CROSS_CHECK_CHUNKS = 4096
-
-
-@contextmanager
-def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A byte progress bar, shown only for operations that last more than a second."""
-    bar = tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-        delay=1.0, leave=False, disable=not enabled, file=sys.stderr,
-    )  # fmt: skip
-    try:
-        yield bar.update
-    finally:
-        bar.close()
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _bar(args: argparse.Namespace, total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from ._progress import tqdm
 
     return tqdm(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=0.5,
