@@ -178,10 +178,10 @@ def main() -> None:
     print("| processes | operation | wall (s) | aggregate (MiB/s) | per process (MiB/s) | vs raw |")
     print("|---|---|---|---|---|---|")
     for count, op, wall, agg, per in rows:
-        print(f"| {count} | {op} | {wall:.2f} | {agg:.0f} | {per:.0f} | "
+        print(f"| {count} | {op} | {wall:.3f} | {agg:.0f} | {per:.0f} | "
               f"{wall / reference[op]:.2f}x |")  # fmt: skip
     for op in ("save", "load"):
-        print(f"| raw (1 file) | {op} | {reference[op]:.2f} | {total / reference[op] / MIB:.0f} "
+        print(f"| raw (1 file) | {op} | {reference[op]:.3f} | {total / reference[op] / MIB:.0f} "
               "| | 1.00x |")  # fmt: skip
     subprocess.run(["rm", "-rf", str(base)], check=False)
 

@@ -70,6 +70,20 @@ def _budgeted(
     return job
 
 
+#: Output arrays start on this boundary: JAX's CPU backend then adopts them without a copy
+#: (``jax.device_put`` of a 64-byte aligned array; numpy's own allocations are 16-byte
+#: aligned and cost a copy: 0.18 s per GiB measured here).
+_ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data starts on a ``_ALIGN``-byte boundary."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _chunk_consumer(
     storage: Storage, path: str, layout: ArrayLayout, key: str, put: Callable[[np.ndarray], None]
 ) -> Callable[[bytes | None], None]:
@@ -302,7 +316,7 @@ async def read_selections(
     several selections of one leaf."""
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
     blocks = {
-        name: np.empty(sel.shape, dtype=layout.dtype) for name, (layout, sel) in requests.items()
+        name: aligned_empty(sel.shape, layout.dtype) for name, (layout, sel) in requests.items()
     }
 
     def consumer(
