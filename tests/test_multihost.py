@@ -52,6 +52,10 @@ def job(
         "JAX_PLATFORMS": "cpu",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "MULTIHOST_STORAGE_OPTIONS": json.dumps(options),
+        # the workers import this checkout's zarrckpt, as the tests do, not an installed one
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")])
+        ),
         **(env or {}),
     }
     procs = [
