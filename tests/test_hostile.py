@@ -466,6 +466,10 @@ RECORD_CASES = [
     ("not-utf8", _text(lambda b: b"\xff\xfe\xfa" + b), NOT_JSON),
     ("deep-nesting", _text(lambda b: b"[" * 100_000 + b"]" * 100_000), NOT_JSON),
     ("deep-nesting-inside", lambda doc, h: json.dumps(_rmeta("x", "DEEP")(doc, h)).encode().replace(b'"DEEP"', b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000), NOT_JSON),
+    ("dims-short", _leaf("w", "dims", ["a"]), r"'dims': expected 2 dimension name"),
+    ("dims-not-str", _leaf("w", "dims", ["a", 3]), "'dims': dimension names must be"),
+    ("dims-object", _leaf("w", "dims", {"a": 1}), r"'dims': expected 2 dimension name"),
+    ("sharding-list", _leaf("w", "sharding", ["a"]), "'sharding' must be an object"),
     # leaf paths: never outside the step directory
     ("path-dotdot", _leaf("w", "path", lambda h: f"../../outside/{h.outside_step_dir}/w"), LEAF_PATH),
     ("path-absolute", _leaf("w", "path", lambda h: h.outside_abs("w")), LEAF_PATH),

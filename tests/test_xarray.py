@@ -253,3 +253,64 @@ def test_a_pickled_array_refuses_an_overwritten_step(big_root) -> None:
     zarrckpt.save_pytree(root, {"big": big * 2}, step=0, overwrite=True, verbose=False)
     with pytest.raises(zarrckpt.errors.CheckpointNotFoundError):
         pickle.loads(data)
+
+
+# --- user-chosen dimension names -----------------------------------------------------------------
+
+
+def _layer(n_pre: int = 6, n_post: int = 4) -> dict:
+    return {
+        "l1": {
+            "W": np.arange(n_pre * n_post, dtype=np.float32).reshape(n_pre, n_post),
+            "V": np.linspace(0, 1, n_post, dtype=np.float32),
+            "spike": np.zeros(n_post, dtype=bool),
+        }
+    }
+
+
+DIMS = {"l1/W": ("pre", "post"), "l1/V": ("post",), "l1/spike": "post"}
+
+
+def test_user_dims_reach_zarr_json_xarray_and_lazy_views(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    zarrckpt.save_pytree(root, _layer(), dims=DIMS, verbose=False)
+    docs = _array_docs(Path(step_url(root)))
+    assert docs["l1/W"]["dimension_names"] == ["pre", "post"]
+    assert docs["l1/spike"]["dimension_names"] == ["post"]  # a str names a 1-d leaf's axis
+    ds = xr.open_zarr(f"{step_url(root)}/l1", consolidated=False)  # one shared "post" axis
+    assert dict(ds.sizes) == {"pre": 6, "post": 4}
+    ckpt = zarrckpt.open_checkpoint(root)
+    assert ckpt["l1/W"].dims == ("pre", "post")
+    mine = ckpt.to_xarray("l1")
+    assert mine["V"].dims == ("post",) and dict(mine.sizes) == {"pre": 6, "post": 4}
+    np.testing.assert_array_equal(mine["W"].values, _layer()["l1"]["W"])
+
+
+def test_user_dims_change_between_recycled_saves(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    for step, dims in enumerate([DIMS, None, DIMS, {"l1/W": ("a", "b")}]):
+        zarrckpt.save_pytree(root, _layer(), dims=dims, step=step, verbose=False)
+        docs = _array_docs(Path(step_url(root)))
+        want = {None: ["l1/W_0", "l1/W_1"], 0: ["pre", "post"], 3: ["a", "b"]}
+        assert (
+            docs["l1/W"]["dimension_names"]
+            == want[None if dims is None else 0 if dims is DIMS else 3]
+        )
+        assert zarrckpt.open_checkpoint(root)["l1/W"].dims == tuple(docs["l1/W"]["dimension_names"])
+
+
+@pytest.mark.parametrize(
+    ("dims", "match"),
+    [
+        ({"l1/X": ("a",)}, r"not leaves of the tree.*'l1/W'"),
+        ({"l1/W": ("a",)}, r"dims\['l1/W'\]: expected 2 dimension name"),
+        ({"l1/W": ("a", "a")}, "must differ"),
+        ({"l1/W": ("a", "")}, "non-empty strings"),
+        ({"l1/V": (3,)}, "non-empty strings"),
+    ],
+)
+def test_bad_user_dims_are_refused_before_writing(tmp_path: Path, dims, match) -> None:
+    root = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=match):
+        zarrckpt.save_pytree(str(root), _layer(), dims=dims, verbose=False)
+    assert not root.exists() or zarrckpt.list_steps(str(root)) == []

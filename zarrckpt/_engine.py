@@ -106,6 +106,8 @@ class LeafData:
     array: np.ndarray | Shards
     layout: ArrayLayout
     attributes: dict[str, Any]
+    #: the user's dimension names (None: ``ArrayLayout.dimension_names``)
+    dims: list[str] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -280,7 +282,7 @@ async def write_step(
                     yield job
         for leaf in leaves:
             layout = leaf.layout
-            meta = _json_bytes(layout.zarr_json(leaf.attributes, leaf.path))
+            meta = _json_bytes(layout.zarr_json(leaf.attributes, leaf.path, leaf.dims))
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
             skip_meta = not primary or f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:

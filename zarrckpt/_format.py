@@ -280,11 +280,15 @@ class ArrayLayout:
         return [f"{path}_{axis}" for axis in range(len(self.shape))]
 
     def zarr_json(
-        self, attributes: dict[str, Any] | None = None, path: str | None = None
+        self,
+        attributes: dict[str, Any] | None = None,
+        path: str | None = None,
+        dims: list[str] | None = None,
     ) -> dict[str, Any]:
         """The array's ``zarr.json``: a pure function of the layout, ``attributes`` and the
         leaf's ``path`` in its step (a recycled save skips rewriting identical documents).
-        With a path it carries ``dimension_names`` (see :meth:`dimension_names`)."""
+        With a path it carries ``dimension_names``: ``dims`` (the user's) or those of
+        :meth:`dimension_names`."""
         doc: dict[str, Any] = {
             "zarr_format": 3,
             "node_type": "array",
@@ -297,7 +301,7 @@ class ArrayLayout:
             "attributes": attributes or {},
         }
         if path is not None:
-            doc["dimension_names"] = self.dimension_names(path)
+            doc["dimension_names"] = dims if dims is not None else self.dimension_names(path)
         return doc
 
     # --- chunks ------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from . import _dtypes, _sharding
-from ._format import ArrayLayout, parse_codec
+from ._format import ArrayLayout, parse_codec, shown
 from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarning
 
 __all__ = [
+    "check_dims",
     "check_record",
     "compare",
     "decode",
@@ -434,6 +435,17 @@ def _check_unit(unit: Any) -> str | None:
     return None
 
 
+def check_dims(names: Any, ndim: int) -> str | None:
+    """Why ``names`` cannot name the axes of an ``ndim``-d leaf (None if they can)."""
+    if not isinstance(names, list) or len(names) != ndim:
+        return f"expected {ndim} dimension name(s), got {shown(names)}"
+    if not all(isinstance(n, str) and 0 < len(n) <= 255 for n in names):
+        return f"dimension names must be non-empty strings of at most 255 characters, got {shown(names)}"
+    if len(set(names)) != len(names):
+        return f"an array's dimension names must differ, got {shown(names)}"
+    return None
+
+
 def check_record(rec: dict[str, Any]) -> str | None:
     """Why a leaf record read from storage is unusable (None if it is fine).
 
@@ -465,6 +477,10 @@ def check_record(rec: dict[str, Any]) -> str | None:
             return f"the leaf's {field!r} must be a string"
     if not isinstance(rec.get("sharding", {}), dict):  # descriptive only: never acted on
         return "the leaf's 'sharding' must be an object"
+    if "dims" in rec:
+        problem = check_dims(rec["dims"], len(layout.shape))
+        if problem:
+            return f"the leaf's 'dims': {problem}"
     if kind in ("py", "npscalar") and layout.shape != ():
         return f"a {kind} leaf must be 0-d, found shape {layout.shape}"
     if kind == "py":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +65,12 @@ class Plan:
     def unchanged_metadata(self, old: dict[str, Any]) -> frozenset[str]:
         """Metadata keys whose bytes a recycled step (tree record ``old``: this process's own
         earlier step, so written by this very code) already holds: same group, or same leaf
-        layout. Anything unreadable counts as changed."""
+        layout and dimension names. Anything unreadable counts as changed."""
         try:
-            layouts = {r["path"]: ArrayLayout.from_json(r) for r in _tree.iter_leaf_records(old)}
+            layouts = {
+                r["path"]: (ArrayLayout.from_json(r), r.get("dims"))
+                for r in _tree.iter_leaf_records(old)
+            }
         except Exception:
             return frozenset()
         groups = {path[:i] for path in layouts for i, ch in enumerate(path) if ch == "/"}
@@ -74,21 +78,41 @@ class Plan:
         same |= {
             f"{leaf.path}/zarr.json"
             for leaf in self.leaves
-            if layouts.get(leaf.path) == leaf.layout
+            if layouts.get(leaf.path) == (leaf.layout, leaf.dims)
         }
         return frozenset(same)
 
 
-def plan(target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None) -> Plan:
+def plan(
+    target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None,
+    dims: dict[str, Sequence[str]] | None = None,
+) -> Plan:  # fmt: skip
     record, flat, groups = _tree.flatten(target)
     by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
+    unknown = sorted(set(dims or ()) - set(by_path))
+    if unknown:
+        raise ValueError(
+            f"dims names {unknown}, which are not leaves of the tree; its leaves are "
+            f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
+        )
     leaves = []
     for path, value in flat:
         array, kind = _leaves.encode(path, value, copy=copy)
         layout = ArrayLayout.for_array(array, chunk_bytes, codec)
         by_path[path].update(kind, **layout.to_json())
-        leaves.append(LeafData(path, array, layout, {}))
+        if dims and path in dims:
+            by_path[path]["dims"] = _dimension_names(path, dims[path], len(layout.shape))
+        leaves.append(LeafData(path, array, layout, {}, by_path[path].get("dims")))
     return Plan(record, leaves, groups)
+
+
+def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
+    """``names`` checked as a leaf's dimension names."""
+    names = [names] if isinstance(names, str) else list(names)
+    problem = _leaves.check_dims(names, ndim)
+    if problem:
+        raise ValueError(f"dims[{path!r}]: {problem}")
+    return names
 
 
 def _old_tree(record: bytes) -> Any:
@@ -136,6 +160,7 @@ def save(
     chunk_bytes: int | None,
     codec: str | None,
     recycle: bool = True,
+    dims: dict[str, Sequence[str]] | None = None,
 ) -> str:
     """``save_pytree``'s implementation (see its docstring)."""
     keep = _resolve_keep(keep, overwrite)
@@ -148,7 +173,9 @@ def save(
     if async_manager is not None:
         async_manager.wait_previous_save()  # overwrite/keep must see committed state
     chunk_bytes = chunk_bytes or storage.default_chunk_bytes
-    snapshot = plan(target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec)
+    snapshot = plan(
+        target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec, dims=dims
+    )
 
     def decide() -> tuple[Manifest, Any, StepInfo]:
         found, token = run(read_manifest_versioned(storage))

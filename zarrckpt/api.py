@@ -8,6 +8,7 @@ parallel=True)``); zarrckpt's additions are keyword-only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from . import _read, _write
@@ -33,6 +34,7 @@ def save_pytree(
     chunk_bytes: int | None = None,
     codec: str | None = None,
     recycle: bool = True,
+    dims: dict[str, Sequence[str]] | None = None,
 ) -> str:
     """Save ``target`` as a new step of the checkpoint at ``filename``.
 
@@ -62,6 +64,11 @@ def save_pytree(
             rewrite it in place at the next save, instead of deleting one directory tree
             and creating another (several times faster in a save loop; costs the disk space
             of one more step). ``False`` deletes dropped steps and any spare.
+        dims: dimension names of some leaves, by leaf path (``{"l1/W": ("pre", "post"),
+            "l1/V": ("neuron",)}``): what xarray and ``LazyArray.dims`` call their axes
+            (default ``<leaf path>_<axis>``, unique in the step). Leaves that share a name
+            must agree on its size wherever xarray meets them (in one group, or a group and
+            its ancestors).
 
     Returns:
         The location of the step's Zarr group.
@@ -69,7 +76,7 @@ def save_pytree(
     return _write.save(
         filename, target, overwrite=overwrite, async_manager=async_manager, verbose=verbose,
         step=step, keep=keep, storage_options=storage_options, chunk_bytes=chunk_bytes,
-        codec=codec, recycle=recycle,
+        codec=codec, recycle=recycle, dims=dims,
     )  # fmt: skip
 
 

@@ -405,7 +405,11 @@ class LazyArray:
 
     @property
     def dims(self) -> tuple[str, ...]:
-        """Dimension names, as in the array's ``zarr.json``: ``<leaf path>_<axis>``."""
+        """Dimension names, as in the array's ``zarr.json``: those given to ``save_pytree``'s
+        ``dims``, else ``<leaf path>_<axis>``."""
+        given = self._record.get("dims")
+        if given is not None:
+            return tuple(given)
         return tuple(self._layout.dimension_names(self._record["path"]))
 
     def to_dask(self) -> Any:
