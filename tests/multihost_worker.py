@@ -197,6 +197,72 @@ def run() -> dict[str, Any]:
 
             _write.write_step = dying
         zarrckpt.save_pytree(ROOT, global_tree(step), step=step, **save)
+    elif SCENARIO == "late0":  # process 0 arrives after the others gave up waiting
+        if PROCESS == 0:
+            time.sleep(3)
+        zarrckpt.save_pytree(ROOT, global_tree(step), step=step, **save)
+    elif SCENARIO == "desync":  # one process fails its first save alone; the next ones pair up
+        outcomes = []
+        for s in range(3):
+            tree = global_tree(s)
+            if s == 0 and PROCESS == 1:
+                tree["bad"] = object()
+            try:
+                zarrckpt.save_pytree(ROOT, tree, step=s, **save)
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+        return {"outcomes": outcomes}
+    elif SCENARIO == "diffroot":  # process 1 names another root
+        root = ROOT if PROCESS == 0 else ROOT + "-elsewhere"
+        zarrckpt.save_pytree(root, global_tree(step), step=step, **save)
+    elif SCENARIO == "local":  # process-local trees: each process saves alone, to its own root
+        zarrckpt.save_pytree(f"{ROOT}/proc{PROCESS}", {"p": np.full(3, PROCESS)}, **save)
+        if PROCESS == 0:  # the usual "process 0 saves" pattern
+            zarrckpt.save_pytree(f"{ROOT}/only0", {"p": np.arange(3)}, **save)
+    elif SCENARIO == "overlap":  # a background save to one root while the foreground saves
+        manager = zarrckpt.AsyncManager()
+        for s in range(3):
+            zarrckpt.save_pytree(f"{ROOT}/a", global_tree(s), async_manager=manager, **save)
+            zarrckpt.save_pytree(f"{ROOT}/b", global_tree(s), **save)
+        manager.wait_previous_save()
+        zarrckpt.save_pytree(f"{ROOT}/b", global_tree(3), **save)  # collects older keys
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        return {"keys": len(client.key_value_dir_get("zarrckpt/save/"))}
+    elif SCENARIO == "partial":  # a leaf on process 1's devices only, beside global ones
+        tree = global_tree(step)
+        mine = [d for d in jax.devices() if d.process_index == 1]
+        tree["p1only"] = jax.make_array_from_callback(
+            (4,),
+            NamedSharding(Mesh(np.array(mine), ("y",)), P("y")),
+            lambda i: np.ones(4, np.float32)[i],
+            dtype=np.float32,  # process 0 holds no shard to tell it
+        )
+        zarrckpt.save_pytree(ROOT, tree, step=step, **save)
+    elif SCENARIO == "nolocal":  # a target with no shard on process 0: still a global array
+        mine = [d for d in jax.devices() if d.process_index == 1]
+        sharding = NamedSharding(Mesh(np.array(mine), ("y",)), P("y"))
+        target = {
+            **targets("1d"),
+            "w": jax.ShapeDtypeStruct(SHAPES["w"], np.float32, sharding=sharding),
+        }
+        tree = zarrckpt.load_pytree(ROOT, target, storage_options=OPTIONS)
+        assert len(tree["w"].addressable_shards) == (2 if PROCESS == 1 else 0)
+        for shard in tree["w"].addressable_shards:
+            np.testing.assert_array_equal(
+                np.asarray(shard.data), expected("w", SHAPES["w"])[shard.index]
+            )
+    elif SCENARIO == "keytarget":  # a PRNG key sharded over processes: a clear refusal
+        sharding = NamedSharding(mesh_1d(), P("x"))
+        keys = jax.random.split(jax.random.key(0), 4)  # the same local value on every process
+        zarrckpt.save_pytree(ROOT, {**global_tree(0), "key": keys}, **save)
+        target = {
+            **targets("1d"),
+            "key": jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding),
+        }
+        zarrckpt.load_pytree(ROOT, target, storage_options=OPTIONS)
     elif SCENARIO == "overwrite":  # overwrite=False on a committed step: refused everywhere
         zarrckpt.save_pytree(ROOT, global_tree(step), overwrite=False, step=step, **save)
     else:

@@ -190,15 +190,6 @@ def test_a_failing_process_fails_the_save_everywhere(tmp_path):
     check_saved(root)
 
 
-def test_different_trees_are_refused_on_every_process(tmp_path):
-    root = str(tmp_path / "ckpt")
-    reports = job("mismatch", root, tmp_path)
-    for report in reports:
-        assert report["outcome"] == "StructureMismatchError", report
-        assert "process(es) [1]" in report["message"]
-    assert zarrckpt.list_steps(root) == []
-
-
 def test_a_process_that_never_saves_is_a_timeout_not_a_hang(tmp_path):
     root = str(tmp_path / "ckpt")
     env = {"ZARRCKPT_COLLECTIVE_TIMEOUT_S": "3"}
@@ -221,7 +212,10 @@ def test_async_collective_saves(tmp_path):
     assert_ok(job("async", root, tmp_path, arg="1"))  # steps 1, 2, 3 in the background
     assert zarrckpt.list_steps(root) == [3]
     check_saved(root, step=3)  # written over step 1's recycled files, by both processes
-    assert len(step_dirs(Path(root))) == 1  # keep=1: step 2's directory is the spare
+    assert len(step_dirs(Path(root))) == 1
+    # recycled: step 3 was written over step 1's directory, and step 2's is now the spare
+    # (without recycling, both would have been deleted and no spare kept)
+    assert len([p for p in Path(root).iterdir() if p.name.startswith(".spare-step_")]) == 1
 
 
 def test_killed_process_leaves_previous_step_and_the_next_job_collects(tmp_path):
@@ -256,3 +250,68 @@ def test_shard_aligned_grids_read_by_zarr_tensorstore_and_lazy_slices(tmp_path):
     np.testing.assert_array_equal(ckpt["w"][5:40, 10:30], w[5:40, 10:30])
     np.testing.assert_array_equal(ckpt["v"][::-5, 20:28], v[::-5, 20:28])
     np.testing.assert_array_equal(ckpt["w"][33, ::7], w[33, ::7])
+
+
+def test_a_late_process_0_is_an_error_everywhere_not_a_hang(tmp_path):
+    root = str(tmp_path / "ckpt")
+    reports = job("late0", root, tmp_path, env={"ZARRCKPT_COLLECTIVE_TIMEOUT_S": "1.5"})
+    assert reports[1]["outcome"] == "CollectiveError", reports[1]  # gave up waiting
+    assert "did not arrive within 1.5 s" in reports[1]["message"]
+    assert reports[0]["outcome"] == "CollectiveError", reports[0]  # heard why, then failed
+    assert "process 1 failed" in reports[0]["message"]
+    assert zarrckpt.list_steps(root) == []
+
+
+def test_a_save_that_fails_on_one_process_does_not_shift_later_pairings(tmp_path):
+    root = str(tmp_path / "ckpt")
+    reports = job("desync", root, tmp_path)
+    # process 0 raises process 1's error class, with its message ("process 1 failed: ...")
+    assert reports[0]["outcomes"] == ["UnsupportedLeafError", "ok", "ok"], reports[0]
+    assert reports[1]["outcomes"] == ["UnsupportedLeafError", "ok", "ok"], reports[1]
+    assert zarrckpt.list_steps(root) == [2]
+    check_saved(root, step=2)  # both processes' shards of the same call
+
+
+def test_process_local_trees_are_saved_by_whoever_calls(tmp_path):
+    root = str(tmp_path / "ckpt")
+    assert_ok(job("local", root, tmp_path))
+    for p in (0, 1):
+        np.testing.assert_array_equal(zarrckpt.load_pytree(f"{root}/proc{p}")["p"], [p] * 3)
+    np.testing.assert_array_equal(zarrckpt.load_pytree(f"{root}/only0")["p"], [0, 1, 2])
+
+
+def test_overlapping_saves_to_two_roots_and_key_cleanup(tmp_path):
+    root = str(tmp_path / "ckpt")
+    reports = job("overlap", root, tmp_path)
+    assert_ok(reports)
+    check_saved(f"{root}/a", step=2)
+    check_saved(f"{root}/b", step=3)
+    # 7 saves of 6-7 keys each: those every process had finished are deleted
+    assert reports[0]["keys"] <= 14, reports[0]["keys"]
+
+
+def test_targets_without_local_shards_and_key_targets(tmp_path):
+    root = str(tmp_path / "ckpt")
+    assert_ok(job("save", root, tmp_path))
+    assert_ok(job("nolocal", root, tmp_path))  # process 0 holds none of "w"
+    reports = job("keytarget", root, tmp_path)
+    for report in reports:
+        assert report["outcome"] == "UnsupportedLeafError", report
+        assert "PRNG key sharded over processes" in report["message"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "says"),
+    [
+        ("mismatch", "process(es) [1]"),  # process 1's tree has one more leaf
+        ("diffroot", "root"),  # process 1 names another root
+        ("partial", "one process only"),  # a leaf on process 1's devices only
+    ],
+)
+def test_calls_that_differ_are_refused_on_every_process(tmp_path, scenario, says):
+    root = str(tmp_path / "ckpt")
+    reports = job(scenario, root, tmp_path)
+    for report in reports:
+        assert report["outcome"] == "StructureMismatchError", report
+        assert says in report["message"]
+    assert zarrckpt.list_steps(root) == [] and not Path(root + "-elsewhere").exists()

@@ -72,3 +72,27 @@ def test_str_target_against_array(url):
     zarrckpt.save_pytree(url, {"s": np.zeros(3, np.uint8)}, verbose=False)
     with pytest.raises(StructureMismatchError, match="s: target is str, checkpoint has array"):
         zarrckpt.load_pytree(url, {"s": "abc"})
+
+
+def test_shape_dtype_struct_targets(local_url):
+    """``jax.ShapeDtypeStruct`` targets (no buffers needed to restore): arrays land with the
+    target's sharding, typed PRNG keys with their implementation, key-dtype targets too."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    zarrckpt.save_pytree(local_url, {"w": w, "k": keys, "r": jax.random.key(1, impl="rbg")})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        "w": jax.ShapeDtypeStruct((3, 4), np.float32, sharding=device),
+        "k": jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+        "r": jax.eval_shape(lambda: jax.random.key(0, impl="rbg")),
+    }
+    got = zarrckpt.load_pytree(local_url, target)
+    assert isinstance(got["w"], jax.Array) and got["w"].sharding == device
+    np.testing.assert_array_equal(got["w"], w)
+    np.testing.assert_array_equal(jax.random.key_data(got["k"]), jax.random.key_data(keys))
+    assert jax.random.key_impl(got["r"]) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+    other_impl = jax.eval_shape(lambda: jax.random.split(jax.random.key(0, impl="rbg"), 4))
+    with pytest.raises(StructureMismatchError, match=r"k: shape \(4, 2\) in the checkpoint"):
+        zarrckpt.load_pytree(local_url, {**target, "k": other_impl})
+    with pytest.raises(StructureMismatchError, match=r"w: shape \(3, 4\) in the checkpoint"):
+        zarrckpt.load_pytree(local_url, {**target, "w": jax.ShapeDtypeStruct((4, 3), np.float32)})

@@ -1,8 +1,11 @@
 """Collective saves: every process of a multi-process JAX program writes one step together.
 
-When ``jax.distributed`` runs several processes, ``save_pytree`` called by every process
-is one save: each writes the chunks of the shards it holds (``_sharding``) and process 0
-commits, by the protocol of ``_commit``, once all are done. The processes agree through
+When ``jax.distributed`` runs several processes and a tree holds an array sharded over the
+devices of more than one of them, ``save_pytree`` called by every process is one save: each
+writes the chunks of the shards it holds (``_sharding``) and process 0 commits, by the
+protocol of ``_commit``, once all are done. (A tree of process-local values is saved by
+whoever calls, as in a single-process program: the usual "process 0 saves" code, or each
+process saving to its own root, keeps working.) The processes agree through
 the key-value store of JAX's coordination service (``jax.distributed``'s own, no other
 cluster layer), never through device collectives, which would interleave with the
 training step's when an :class:`~zarrckpt.AsyncManager` saves in a background thread.
@@ -10,8 +13,11 @@ training step's when an :class:`~zarrckpt.AsyncManager` saves in a background th
 The keys of the ``n``-th collective save of the job sit under ``zarrckpt/save/<n>/``; every
 process counts its saves, and the counts agree because every process makes the same calls:
 
-1. ``tree/<p>``: process ``p``'s tree record checksum (paths, kinds, shapes, dtypes, chunks,
-   shardings); process 0 refuses trees that differ.
+1. ``tree/<p>``: process ``p``'s call: its tree record's checksum (paths, kinds, shapes,
+   dtypes, chunks, shardings), the root and the arguments that decide the step, and which
+   leaves it found sharded over processes; process 0 refuses calls that differ. A process
+   that fails before its writes are done posts its error instead, under every key it has
+   not posted yet, so nobody waits for it.
 2. ``decision``: process 0 reads the manifest and decides the step number, its directory
    and time, or the error every process raises (``overwrite=False`` on a committed step,
    different trees). The others wait for it at most ``ZARRCKPT_COLLECTIVE_TIMEOUT_S``
@@ -25,19 +31,25 @@ process counts its saves, and the counts agree because every process makes the s
 5. ``commit``: the manifest is published (or the save failed: why); every process returns,
    or raises.
 
-Waits for work (3-5) have no time limit: a process that dies makes JAX's heartbeat end
-every process of the job (``heartbeat_timeout_seconds`` of ``jax.distributed.initialize``),
-and the directory it leaves is debris that the next save collects. Every wait is cut into
-short slices, so Ctrl-C is seen.
+Waits for work (3-5) have no time limit: a process that fails posts its error, and one that
+dies makes JAX's heartbeat end every process of the job (``heartbeat_timeout_seconds`` of
+``jax.distributed.initialize``); the directory it leaves is debris that the next save
+collects. Every wait is cut into short slices, so Ctrl-C is seen.
+
+The keys of a save are deleted by a later save of process 0, once every process has
+reported (in its ``done``) that it finished every save up to it: saves may overlap (an
+:class:`~zarrckpt.AsyncManager` save and a foreground one to another root).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,13 +63,26 @@ from ._storage import Storage
 from ._sync import run
 from .errors import CollectiveError, ZarrCkptError
 
-__all__ = ["Group", "group"]
+__all__ = ["Group", "group", "open_agreed"]
 
 #: how long a process waits for the others to arrive at a collective save
 DEFAULT_TIMEOUT_S = 300.0
 _SLICE_MS = 500
 
-_saves = itertools.count()
+_numbers = {"save": itertools.count(), "load": itertools.count()}
+_lock = threading.Lock()
+_finished: set[int] = set()  # this process's collective saves that are over
+_low = 0  # the lowest number not in _finished
+_deleted = 0  # process 0: saves below this have no keys left
+
+
+def _finish(number: int) -> None:
+    global _low
+    with _lock:
+        _finished.add(number)
+        while _low in _finished:
+            _finished.discard(_low)
+            _low += 1
 
 
 def _timeout_s() -> float:
@@ -73,32 +98,82 @@ def _timeout_s() -> float:
     return value
 
 
-def group() -> Group | None:
-    """The collective of this process's JAX job, or None in a single-process program.
+def _spans_processes(target: Any) -> bool:
+    """Whether ``target`` holds a ``jax.Array`` sharded over devices of several processes
+    (the same answer on every process: it depends on the global sharding only)."""
+    import jax
 
-    Looks only at the state ``jax.distributed.initialize`` left: it neither imports JAX nor
-    starts its backends.
+    kinds = (jax.Array, jax.ShapeDtypeStruct)
+
+    def spans(value: Any) -> bool:
+        if not isinstance(value, kinds):
+            value = getattr(value, "value", None)  # a BrainPy Variable, a brainstate State
+        sharding = getattr(value, "sharding", None) if isinstance(value, kinds) else None
+        return sharding is not None and len({d.process_index for d in sharding.device_set}) > 1
+
+    try:
+        return any(map(spans, jax.tree_util.tree_leaves(target, is_leaf=spans)))
+    except Exception:  # an odd container: flattening will say what is wrong, to everyone
+        return True
+
+
+def group(target: Any, kind: str = "save") -> Group | None:
+    """The collective save (or load) of ``target`` in this process's JAX job, or None where
+    this process works alone (no ``jax.distributed``, or nothing sharded over processes).
+
+    Must be the first thing a save does, before anything that may fail on one process
+    only: it takes the save's number, and the numbers of all processes must agree.
     """
     if "jax" not in sys.modules:
         return None
-    from jax._src import distributed  # the client orbax's multi-host code uses, too
+    # The coordination service's client: no public API exposes its key-value store; orbax's
+    # multi-host code uses this same object.
+    from jax._src import distributed
 
     state = distributed.global_state
-    if state.client is None or not state.num_processes or state.num_processes < 2:
+    if state.client is None or (state.num_processes or 1) < 2 or not _spans_processes(target):
         return None
-    return Group(state.client, state.process_id, state.num_processes)
+    return Group(state.client, state.process_id, state.num_processes, kind)
 
 
-def _error_doc(exc: BaseException) -> dict[str, Any]:
-    return {"error": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+def open_agreed(target: Any, step: int | None, open_step: Callable[[int | None], Any]) -> Any:
+    """``open_step(step)``, the same step on every process where ``target`` is sharded over
+    processes: process 0 resolves it (the latest may change under a concurrent writer) and
+    the others open the step it found, so no global array mixes two steps. (The keys of
+    loads are not deleted: a few bytes per load, and no process waits for the others.)"""
+    agreed = group(target, "load")
+    if agreed is None:
+        return open_step(step)
+    if agreed.leader:
+        try:
+            opened = open_step(step)
+        except BaseException as exc:
+            agreed.post("step", _error_doc(exc))
+            raise
+        agreed.post("step", {"step": opened.info.step, "dir": opened.info.dir} if opened else {})
+        return opened
+    doc = agreed.wait("step", "process 0's step to load", agreed.timeout_s)
+    if not doc:
+        return None  # no checkpoint: process 0 returns the target unchanged, so does this one
+    opened = open_step(doc["step"])
+    if opened is None or opened.info.dir != doc["dir"]:
+        raise CollectiveError(
+            f"step {doc['step']}, which process 0 is loading, was replaced before this process "
+            "could open it (a concurrent save); load again"
+        )
+    return opened
+
+
+def _error_doc(exc: BaseException, prefix: str = "") -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": prefix + (str(exc) or type(exc).__name__)}
 
 
 class Group:
     """One collective save's view of the job: this process, the others, and their keys."""
 
-    def __init__(self, client: Any, process: int, count: int) -> None:
-        self.client, self.process, self.count = client, process, count
-        self.number = next(_saves)
+    def __init__(self, client: Any, process: int, count: int, kind: str = "save") -> None:
+        self.client, self.process, self.count, self.kind = client, process, count, kind
+        self.number = next(_numbers[kind])
         self.timeout_s = _timeout_s()
         self._posted: set[str] = set()
 
@@ -106,13 +181,29 @@ class Group:
     def leader(self) -> bool:
         return self.process == 0
 
-    def _key(self, name: str, number: int | None = None) -> str:
-        return f"zarrckpt/save/{self.number if number is None else number}/{name}"
+    def _key(self, name: str) -> str:
+        return f"zarrckpt/{self.kind}/{self.number}/{name}"
 
     def post(self, name: str, doc: dict[str, Any]) -> None:
-        if name not in self._posted:  # the first word stands: a failure after it is reported
-            self._posted.add(name)  # elsewhere (``commit``), never by overwriting
+        if name not in self._posted:  # the first word stands: a failure after it is
+            self._posted.add(name)  # reported under a later key, never by overwriting
             self.client.key_value_set(self._key(name), json.dumps(doc))
+
+    def fail(self, exc: BaseException) -> None:
+        """Post ``exc`` under every key this process has yet to post, so no process waits
+        for it; the save is over for this process."""
+        carried = getattr(exc, "_zarrckpt_carried", False)  # another process's: as it is
+        if self.leader:
+            for name in ("decision", "begun", "commit"):
+                prefix = "" if name == "decision" or carried else "process 0 failed: "
+                with contextlib.suppress(Exception):
+                    self.post(name, _error_doc(exc, prefix))
+        else:
+            failed = _error_doc(exc, "" if carried else f"process {self.process} failed: ")
+            for name in (f"tree/{self.process}", f"done/{self.process}"):
+                with contextlib.suppress(Exception):
+                    self.post(name, {**failed, "low": _low})
+        _finish(self.number)
 
     def wait(self, name: str, what: str, timeout_s: float | None) -> dict[str, Any]:
         """The document posted under ``name``; ``what`` names the waited-for for errors.
@@ -125,50 +216,53 @@ class Group:
             except Exception as exc:  # the client raises JaxRuntimeError for everything
                 if "DEADLINE_EXCEEDED" not in str(exc):
                     raise CollectiveError(
-                        f"collective save {self.number}: the coordination service failed "
+                        f"collective {self.kind} {self.number}: the coordination service failed "
                         f"while waiting for {what} ({exc})"
                     ) from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise CollectiveError(
-                        f"collective save {self.number}: {what} did not arrive within "
+                        f"collective {self.kind} {self.number}: {what} did not arrive within "
                         f"{timeout_s:g} s (ZARRCKPT_COLLECTIVE_TIMEOUT_S). Every process of the "
-                        "job must call save_pytree with the same arguments in the same order"
+                        f"job must call {self.kind}_pytree with the same arguments in the same "
+                        "order"
                     ) from None
-        doc = json.loads(raw)
-        if "error" in doc:
-            cls = getattr(errors, doc["error"], None)
-            if not (isinstance(cls, type) and issubclass(cls, ZarrCkptError)):
-                cls = CollectiveError
-            raise cls(doc["message"])
-        return doc
+        return _raise_carried(json.loads(raw))
+
+    def _posted_error(self, name: str) -> None:
+        """Raise the error posted under ``name`` already, if any (no waiting)."""
+        try:
+            raw = self.client.key_value_try_get(self._key(name))
+        except Exception:  # NOT_FOUND: nothing posted yet
+            return
+        _raise_carried(json.loads(raw))
 
     # --- the protocol ----------------------------------------------------------------------
 
     def decide(
-        self, tree_record: dict[str, Any], decide: Callable[[], tuple[Manifest, Any, StepInfo]]
+        self, call: dict[str, Any], decide: Callable[[], tuple[Manifest, Any, StepInfo]]
     ) -> tuple[Manifest | None, Any, StepInfo]:
-        """Steps 1-2: ``decide()`` runs on process 0 only; every process gets its outcome."""
-        fingerprint = google_crc32c.value(json.dumps(tree_record, sort_keys=True).encode())
-        self.post(f"tree/{self.process}", {"crc32c": fingerprint})
+        """Steps 1-2: ``decide()`` runs on process 0 only; every process gets its outcome.
+        ``call``: what must be the same on every process (see the module docstring)."""
+        mine = {"crc32c": google_crc32c.value(json.dumps(call, sort_keys=True).encode())}
+        self.post(f"tree/{self.process}", mine)
         if not self.leader:
             doc = self.wait("decision", "process 0's decision", self.timeout_s)
             return None, None, StepInfo.from_json(doc["step"], "collective save")
-        try:
-            differ = []
-            for p in range(1, self.count):
-                theirs = self.wait(f"tree/{p}", f"process {p}", self.timeout_s)["crc32c"]
-                if theirs != fingerprint:
-                    differ.append(p)
-            if differ:
-                raise errors.StructureMismatchError(
-                    f"collective save {self.number}: process(es) {differ} save a different tree "
-                    "than process 0 (paths, shapes, dtypes, chunking or sharding differ); "
-                    "every process must save the same global tree"
-                )
-            base, token, info = decide()
-        except BaseException as exc:
-            self.post("decision", _error_doc(exc))
-            raise
+        differ = []
+        for p in range(1, self.count):
+            if self.wait(f"tree/{p}", f"process {p}", self.timeout_s) != mine:
+                differ.append(p)
+        if differ:
+            raise errors.StructureMismatchError(
+                f"collective save {self.number}: process(es) {differ} made another call than "
+                "process 0: a different tree (paths, shapes, dtypes, chunking, sharding), "
+                "root, step/overwrite/keep, or leaves sharded over processes on some and "
+                "local on others (an array on the devices of one process only). Every "
+                "process must save the same global tree to the same root"
+            )
+        for p in range(1, self.count):
+            self._posted_error(f"done/{p}")  # a process that gave up meanwhile
+        base, token, info = decide()
         self.post("decision", {"step": info.to_json()})
         return base, token, info
 
@@ -180,60 +274,90 @@ class Group:
         info: StepInfo,
         keep: int | None,
         record: bytes,
-        write: Callable[[bool, bytes | None], Awaitable[None]],
+        prepare: Callable[[bytes | None], Awaitable[frozenset[str]]],
+        write: Callable[[bool, frozenset[str]], Awaitable[None]],
         recycle: bool,
     ) -> Exception | None:
-        """Steps 3-5: ``write(primary, old)`` writes this process's chunks (and, on process 0,
-        the ``zarr.json`` documents but the record, and the leaves not sharded over processes;
-        ``old`` as in ``commit_step``: process 0's recycled directory, which the others then
-        rewrite in place too). Returns process 0's collection error, if any (the step is
-        committed all the same)."""
-        if not self.leader:
-            return self._follow(storage, write)
+        """Steps 3-5. ``prepare(old)`` readies process 0's recycled directory (``old`` as in
+        ``commit_step``) before the others may write into it, and returns the metadata keys
+        it already holds; ``write(primary, unchanged)`` writes this process's chunks (and, on
+        process 0, the ``zarr.json`` documents but the record, and the leaves not sharded
+        over processes). Returns process 0's collection error, if any (the step is committed
+        all the same)."""
+        try:
+            if not self.leader:
+                self._follow(storage, write, info)
+                return None
+            return self._lead(storage, base, token, info, keep, record, prepare, write, recycle)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        finally:
+            _finish(self.number)
+
+    def _lead(
+        self, storage: Storage, base: Manifest | None, token: Any, info: StepInfo,
+        keep: int | None, record: bytes,
+        prepare: Callable[[bytes | None], Awaitable[frozenset[str]]],
+        write: Callable[[bool, frozenset[str]], Awaitable[None]], recycle: bool,
+    ) -> Exception | None:  # fmt: skip
         assert base is not None
 
         async def write_all(old: bytes | None) -> None:
+            unchanged = await prepare(old)
             self.post("begun", {})
-            await write(True, old)
+            await write(True, unchanged)
+            lows = [_low]
             for p in range(1, self.count):
-                await _in_thread(self.wait, f"done/{p}", f"process {p}'s writes", None)
-            self._forget(self.number - 1)  # every process is past the previous save
+                done = await _in_thread(self.wait, f"done/{p}", f"process {p}'s writes", None)
+                lows.append(done["low"])
+            self._forget(min(lows))
             await storage.put(f"{info.dir}/zarr.json", [record])
 
-        try:
-            _, collect_error = run(
-                commit_step(storage, base, token, info, keep, record, write_all, recycle)
-            )
-        except BaseException as exc:
-            self.post("begun", _error_doc(exc))
-            self.post("commit", _error_doc(exc))
-            raise
+        _, collect_error = run(
+            commit_step(storage, base, token, info, keep, record, write_all, recycle)
+        )
         self.post("commit", {})
         return collect_error
 
     def _follow(
-        self, storage: Storage, write: Callable[[bool, bytes | None], Awaitable[None]]
-    ) -> None:
-        try:
-            self.wait("begun", "process 0's lease on the step directory", self.timeout_s)
-            run(write(False, None))
-            run(storage.sync())
-        except BaseException as exc:
-            failed = _error_doc(exc)
-            failed["message"] = f"process {self.process} failed: {failed['message']}"
-            self.post(f"done/{self.process}", failed)
-            raise
-        self.post(f"done/{self.process}", {})
+        self, storage: Storage, write: Callable[[bool, frozenset[str]], Awaitable[None]],
+        info: StepInfo,
+    ) -> None:  # fmt: skip
+        self.wait("begun", "process 0's lease on the step directory", self.timeout_s)
+        if not run(storage.step_exists(info.dir)):
+            raise CollectiveError(
+                f"{storage.describe(info.dir)}, which process 0 created, does not exist here: "
+                "the processes of a collective save must share its root (one file system, "
+                "or an object store)"
+            )
+        run(write(False, frozenset()))
+        run(storage.sync())
+        self.post(f"done/{self.process}", {"low": _low})
         self.wait("commit", "process 0's commit", None)
-        return None
 
-    def _forget(self, number: int) -> None:
-        if number >= 0:
+    def _forget(self, below: int) -> None:
+        """Delete the keys of every save below ``below`` (all processes are past them)."""
+        global _deleted
+        with _lock:
+            numbers = range(_deleted, below)
+            _deleted = max(_deleted, below)
+        for number in numbers:
             with contextlib.suppress(Exception):  # housekeeping only
                 self.client.key_value_delete(f"zarrckpt/save/{number}/")
 
 
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    import asyncio
+def _raise_carried(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc``, or the error it carries raised (zarrckpt's own class where it is one)."""
+    if "error" in doc:
+        cls = getattr(errors, doc["error"], None)
+        if not (isinstance(cls, type) and issubclass(cls, ZarrCkptError)):
+            cls = CollectiveError
+        exc = cls(doc["message"])
+        exc._zarrckpt_carried = True  # type: ignore[attr-defined]
+        raise exc
+    return doc
 
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -48,6 +48,11 @@ manifest, and only by the process whose lease it holds; readers that still hold 
 of the dropped step confirm after each read that its directory exists under its old name
 (it does not, once renamed), so they can never read the rewritten bytes as their step's.
 
+A collective save of a multi-process JAX job (``_collective``) is this same protocol run
+by process 0: the other processes write their chunks into the directory process 0 leased
+(step 2) and make them durable (step 3) before process 0 writes the step record and
+publishes; so a step is still committed by one conditional manifest update, by one process.
+
 A crash before 4 leaves an unreferenced directory, invisible to readers and collected by a
 later save; a crash after 4 leaves only garbage. Committed steps are never touched before
 a manifest that no longer lists them is published. Ctrl-C during a save cancels it

@@ -312,7 +312,7 @@ async def read_selections(
     requests: dict[Any, tuple[ArrayLayout, Selection]],
     progress: Callable[[int], None] = lambda n: None,
     parallel: bool = True,
-) -> dict[str, np.ndarray]:
+) -> dict[Any, np.ndarray]:
     """Read selections of leaves; touched chunks only. ``requests`` maps a name to
     ``(layout, selection)``: the name is the leaf's path, or ``(path, anything)`` to read
     several selections of one leaf."""

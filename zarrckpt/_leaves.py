@@ -75,9 +75,10 @@ def _holds_array(inner: Any) -> bool:
 
 
 def _is_key(value: Any) -> bool:
-    """Whether ``value`` is a typed JAX PRNG key array (``jax.random.key``, not ``PRNGKey``)."""
+    """Whether ``value`` is a typed JAX PRNG key array (``jax.random.key``, not ``PRNGKey``),
+    or a ``jax.ShapeDtypeStruct`` of one (a target)."""
     jax = sys.modules.get("jax")
-    if jax is None or not isinstance(value, jax.Array):
+    if jax is None or not isinstance(value, (jax.Array, jax.ShapeDtypeStruct)):
         return False
     return bool(jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key))
 
@@ -85,6 +86,9 @@ def _is_key(value: Any) -> bool:
 def _key_impl(key: Any) -> str:
     import jax
 
+    if isinstance(key, jax.ShapeDtypeStruct):  # a target: its key dtype holds the impl
+        impl = getattr(key.dtype, "_impl", None)
+        return str(getattr(impl, "name", impl))
     impl = jax.random.key_impl(key)
     return impl if isinstance(impl, str) else str(getattr(impl, "name", impl))
 
@@ -304,7 +308,7 @@ def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     if _is_key(value):
         import jax
 
-        value = jax.random.key_data(value)  # stored as its key data
+        value = jax.eval_shape(jax.random.key_data, value)  # stored as its key data
     if isinstance(value, (bool, int, float, complex)):
         value = np.asarray(value)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
@@ -313,7 +317,7 @@ def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     return tuple(shape), np.dtype(dtype)
 
 
-def global_target(target: Any) -> Any:
+def global_target(path: str, target: Any) -> Any:
     """The ``jax.Array`` or ``jax.ShapeDtypeStruct`` inside a target leaf if it is sharded
     over other processes too (each process then reads only its shards), else None."""
     if _is(target, _brainpy_array_type()) or _is(target, _module_attr("brainstate", "State")):
@@ -323,9 +327,14 @@ def global_target(target: Any) -> Any:
     jax_types = tuple(
         t for t in (_module_attr("jax", "Array"), _module_attr("jax", "ShapeDtypeStruct")) if t
     )
-    if not jax_types or not isinstance(target, jax_types) or _is_key(target):
+    if not jax_types or not isinstance(target, jax_types) or not _sharding.is_global(target):
         return None
-    return target if _sharding.is_global(target) else None
+    if _is_key(target):
+        raise UnsupportedLeafError(
+            f"leaf {path!r}: restoring a PRNG key sharded over processes is not supported; "
+            "restore it replicated, or as its key data (jax.random.key_data), and reshard"
+        )
+    return target
 
 
 def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
@@ -350,7 +359,8 @@ def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
         import jax
 
         impl = rec["impl"] if rec.get("kind") == "prngkey" else _key_impl(target)
-        return jax.device_put(_wrap_key(rec, array, impl), target.sharding)
+        key = _wrap_key(rec, array, impl)
+        return key if target.sharding is None else jax.device_put(key, target.sharding)
     jax_array = _module_attr("jax", "Array")
     if _is(target, jax_array):
         import jax

@@ -250,8 +250,8 @@ def read_shards(opened: OpenStep, shardings: dict[str, Any], parallel: bool) -> 
             for device in devices
         ]
         out[path] = jax.make_array_from_single_device_arrays(
-            wanted[path].shape, sharding, on_devices
-        )
+            wanted[path].shape, sharding, on_devices, dtype=wanted[path].dtype
+        )  # (dtype: a process may hold no shard at all)
     return out
 
 
@@ -347,15 +347,15 @@ def restore_into(
         if mismatch == "error":
             raise StructureMismatchError(message)
         warnings.warn(message, StructureMismatchWarning, stacklevel=3)
-    shards = {i: inner for i, (_, value, _) in enumerate(pairs) if i in wanted
-              for inner in [_leaves.global_target(value)] if inner is not None}  # fmt: skip
-    arrays = read(opened, [r for i, r in wanted.items() if i not in shards], parallel, verbose)
-    if shards:
-        arrays.update(
-            read_shards(
-                opened, {wanted[i]["path"]: v.sharding for i, v in shards.items()}, parallel
-            )
-        )
+    shardings = {}  # leaves whose targets are sharded over processes: read per process
+    for i, rec in wanted.items():
+        inner = _leaves.global_target(rec["path"], pairs[i][1])
+        if inner is not None:
+            shardings[rec["path"]] = inner.sharding
+    whole = [rec for rec in wanted.values() if rec["path"] not in shardings]
+    arrays = read(opened, whole, parallel, verbose and bool(whole))
+    if shardings:
+        arrays.update(read_shards(opened, shardings, parallel))
     values = [
         rebuild_leaf(
             opened, wanted[i], _leaves.restore, value, wanted[i], arrays[wanted[i]["path"]]

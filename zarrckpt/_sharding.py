@@ -71,7 +71,7 @@ def owned_pieces(value: Any, copy: bool) -> Shards:
 
 def aligned_chunks(shards: Shards, chunk_bytes: int) -> tuple[int, ...]:
     """A regular chunk shape that divides every shard (each axis's chunk divides all its
-    shard boundaries), at most ``chunk_bytes`` where possible, splitting leading axes first."""
+    shard boundaries), near ``chunk_bytes``, splitting leading axes first."""
     shape = shards.shape
     chunks = [
         math.gcd(*bounds) if bounds else max(1, n)
@@ -82,12 +82,25 @@ def aligned_chunks(shards: Shards, chunk_bytes: int) -> tuple[int, ...]:
         inner = itemsize * math.prod(chunks[axis + 1 :])
         if inner * chunks[axis] <= chunk_bytes:
             break
-        # the fewest equal parts (a divisor, so shard boundaries stay chunk boundaries)
-        fits = [k for k in _divisors(chunks[axis]) if chunks[axis] // k * inner <= chunk_bytes]
-        chunks[axis] //= fits[0] if fits else chunks[axis]
-        if fits:
+        chunks[axis] = _split(chunks[axis], inner, chunk_bytes)
+        if chunks[axis] > 1 or inner <= chunk_bytes:
             break
     return tuple(chunks)
+
+
+def _split(extent: int, inner: int, chunk_bytes: int) -> int:
+    """The chunk length along an axis of ``extent`` (a divisor of it, so shard boundaries
+    stay chunk boundaries) whose chunks of ``inner`` bytes per index come nearest
+    ``chunk_bytes``: the largest that fits, unless an awkward extent (few divisors: 24,573
+    is 3 x 8,191) makes it tiny; then a larger one, up to 4x, or else one index (the next
+    axis is split in turn)."""
+    sizes = [d for d in _divisors(extent)]
+    fits = [d for d in sizes if d * inner <= chunk_bytes]
+    best = max(fits) if fits else 1
+    if best * inner >= chunk_bytes // 8:
+        return best
+    larger = [d for d in sizes if chunk_bytes < d * inner <= 4 * chunk_bytes]
+    return min(larger) if larger else best
 
 
 def _divisors(n: int) -> list[int]:

@@ -23,9 +23,10 @@ from ._format import ArrayLayout
 from ._manifest import Manifest, StepInfo, new_step_dir, step_record_bytes
 from ._progress import progress_bar
 from ._repr import human
+from ._sharding import Shards
 from ._storage import open_storage
 from ._sync import run
-from .errors import AlreadyExistsError, CollectionWarning
+from .errors import AlreadyExistsError, CollectionWarning, UnsupportedLeafError
 
 __all__ = ["DEFAULT_KEEP", "Plan", "plan", "save"]
 
@@ -85,7 +86,7 @@ class Plan:
 
 def plan(
     target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None,
-    dims: dict[str, Sequence[str]] | None = None,
+    dims: dict[str, Sequence[str]] | None = None, collective: bool = False,
 ) -> Plan:  # fmt: skip
     record, flat, groups = _tree.flatten(target)
     by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
@@ -98,6 +99,12 @@ def plan(
     leaves = []
     for path, value in flat:
         array, kind = _leaves.encode(path, value, copy=copy)
+        if isinstance(array, Shards) and not collective:
+            raise UnsupportedLeafError(
+                f"leaf {path!r}: a jax.Array on the devices of another process only; this "
+                "process holds none of it. Save it from the process that holds it, or shard "
+                "it over several processes (a collective save by every process)"
+            )
         layout = ArrayLayout.for_array(array, chunk_bytes, codec)
         by_path[path].update(kind, **layout.to_json())
         if dims and path in dims:
@@ -150,6 +157,22 @@ def _resolve_keep(keep: Any, overwrite: bool) -> int | None:
 def save(
     filename: Any,
     target: Any,
+    **kwargs: Any,
+) -> str:
+    """``save_pytree``'s implementation (see its docstring)."""
+    collective = _collective.group(target)  # first: it numbers collective saves
+    try:
+        return _save(collective, filename, target, **kwargs)
+    except BaseException as exc:
+        if collective is not None:  # tell the other processes, so they do not wait for us
+            collective.fail(exc)
+        raise
+
+
+def _save(
+    collective: _collective.Group | None,
+    filename: Any,
+    target: Any,
     *,
     overwrite: bool,
     async_manager: Any,
@@ -162,7 +185,6 @@ def save(
     recycle: bool = True,
     dims: dict[str, Sequence[str]] | None = None,
 ) -> str:
-    """``save_pytree``'s implementation (see its docstring)."""
     keep = _resolve_keep(keep, overwrite)
     storage = open_storage(filename, storage_options)
     if storage.is_file():
@@ -174,7 +196,13 @@ def save(
         async_manager.wait_previous_save()  # overwrite/keep must see committed state
     chunk_bytes = chunk_bytes or storage.default_chunk_bytes
     snapshot = plan(
-        target, copy=async_manager is not None, chunk_bytes=chunk_bytes, codec=codec, dims=dims
+        target,
+        # a collective save's followers never write unsharded leaves: no need to copy them
+        copy=async_manager is not None and (collective is None or collective.leader),
+        chunk_bytes=chunk_bytes,
+        codec=codec,
+        dims=dims,
+        collective=collective is not None,
     )
 
     def decide() -> tuple[Manifest, Any, StepInfo]:
@@ -193,11 +221,18 @@ def save(
                 )
         return base, token, info
 
-    collective = _collective.group()  # every process of a multi-process JAX job saves
     if collective is None:
         base, token, info = decide()
     else:
-        base, token, info = collective.decide(snapshot.record, decide)  # type: ignore[assignment]
+        call = {
+            "record": snapshot.record,
+            "root": storage.url,
+            "step": step,
+            "overwrite": overwrite,
+            "keep": keep,
+            "sharded": [leaf.path for leaf in snapshot.leaves if isinstance(leaf.array, Shards)],
+        }
+        base, token, info = collective.decide(call, decide)  # type: ignore[assignment]
         verbose = verbose and collective.leader
     number = info.step
     record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
@@ -226,10 +261,10 @@ def save(
                     unchanged=await recycled(old_record),
                 )  # fmt: skip
 
-            async def write_part(primary: bool, old_record: bytes | None) -> None:
+            async def write_part(primary: bool, unchanged: frozenset[str]) -> None:
                 await write_step(
                     storage, info.dir, snapshot.leaves, snapshot.groups, None, progress,
-                    unchanged=await recycled(old_record), primary=primary,
+                    unchanged=unchanged, primary=primary,
                 )  # fmt: skip
 
             if collective is None:
@@ -238,7 +273,7 @@ def save(
                 )
             else:
                 collect_error = collective.commit(
-                    storage, base, token, info, keep, record, write_part, recycle
+                    storage, base, token, info, keep, record, recycled, write_part, recycle
                 )
         if collect_error is not None:
             warnings.warn(

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from . import _read, _write
+from . import _collective, _read, _write
 from ._commit import read_manifest
 from ._read import Mismatch
 from ._storage import open_storage
@@ -106,7 +106,7 @@ def load_pytree(
     if mismatch not in ("error", "warn", "ignore"):
         raise ValueError(f"mismatch must be 'error', 'warn' or 'ignore', got {mismatch!r}")
     storage = open_storage(filename, storage_options, read_only=True)
-    opened = _read.open_step(storage, step)
+    opened = _collective.open_agreed(target, step, lambda s: _read.open_step(storage, s))
     if opened is None:
         warnings.warn(
             f"no checkpoint at {storage.url}; returning the target unchanged",
