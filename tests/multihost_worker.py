@@ -263,6 +263,24 @@ def run() -> dict[str, Any]:
             "key": jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding),
         }
         zarrckpt.load_pytree(ROOT, target, storage_options=OPTIONS)
+    elif SCENARIO == "loaddrift":  # process 1's first load fails before reading anything
+        outcomes = []
+        for attempt in range(2):
+            bad = attempt == 0 and PROCESS == 1
+            try:
+                tree = zarrckpt.load_pytree(
+                    ROOT, targets("1d"), storage_options=OPTIONS, mismatch="bad" if bad else "error"
+                )
+                check_shards(tree, step=0)
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+        return {"outcomes": outcomes}
+    elif SCENARIO == "statetree":  # a brainstate State holding a sub-tree of global arrays
+        import brainstate
+
+        tree = global_tree(step)
+        zarrckpt.save_pytree(ROOT, {"s": brainstate.ParamState({"w": tree["w"]})}, **save)
     elif SCENARIO == "overwrite":  # overwrite=False on a committed step: refused everywhere
         zarrckpt.save_pytree(ROOT, global_tree(step), overwrite=False, step=step, **save)
     else:

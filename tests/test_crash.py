@@ -118,7 +118,13 @@ def test_sigkill_during_saves(tmp_path):
         killed_mid_save += bool(_step_dirs(root) - _committed_dirs(root))  # debris left behind
         # The next save succeeds and leaves nothing but its own step.
         zarrckpt.save_pytree(str(root), make_state(latest + 1), step=latest + 1, verbose=False)
-        assert _step_dirs(root) == _committed_dirs(root) and len(_committed_dirs(root)) == 1
+        assert len(_committed_dirs(root)) == 1
+        assert _committed_dirs(root) <= _step_dirs(root)
+        # Nothing else is left, but for one case the protocol keeps by design: a kill between
+        # creating a ``.tmp-`` directory and taking its lease (one mkdir apart) leaves an empty
+        # directory no collector can tell from a live writer's for 60 s (then it is debris).
+        for name in _step_dirs(root) - _committed_dirs(root):
+            assert name.startswith(".tmp-") and not any((root / name).iterdir()), name
         assert not list(root.glob("*.partial"))
         _assert_is_step(zarrckpt.load_pytree(str(root)), latest + 1)
     # Most kills must land while a step was being written, or the test proves little.

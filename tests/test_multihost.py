@@ -297,7 +297,7 @@ def test_targets_without_local_shards_and_key_targets(tmp_path):
     reports = job("keytarget", root, tmp_path)
     for report in reports:
         assert report["outcome"] == "UnsupportedLeafError", report
-        assert "PRNG key sharded over processes" in report["message"]
+        assert "PRNG key onto devices of several processes" in report["message"]
 
 
 @pytest.mark.parametrize(
@@ -315,3 +315,19 @@ def test_calls_that_differ_are_refused_on_every_process(tmp_path, scenario, says
         assert report["outcome"] == "StructureMismatchError", report
         assert says in report["message"]
     assert zarrckpt.list_steps(root) == [] and not Path(root + "-elsewhere").exists()
+
+
+def test_a_load_failing_on_one_process_fails_everywhere_and_later_loads_pair_up(tmp_path):
+    root = str(tmp_path / "ckpt")
+    assert_ok(job("save", root, tmp_path))
+    reports = job("loaddrift", root, tmp_path)
+    assert reports[1]["outcomes"] == ["ValueError", "ok"], reports[1]
+    assert reports[0]["outcomes"] == ["CollectiveError", "ok"], reports[0]  # not a half load
+
+
+def test_states_holding_sharded_sub_trees_are_collective(tmp_path):
+    pytest.importorskip("brainstate")
+    root = str(tmp_path / "ckpt")
+    assert_ok(job("statetree", root, tmp_path))
+    got = zarrckpt.load_pytree(root)
+    np.testing.assert_array_equal(got["s"]["w"], expected("w", SHAPES["w"]))

@@ -79,6 +79,8 @@ _deleted = 0  # process 0: saves below this have no keys left
 def _finish(number: int) -> None:
     global _low
     with _lock:
+        if number < _low:  # finished already (a failure is reported from several places)
+            return
         _finished.add(number)
         while _low in _finished:
             _finished.discard(_low)
@@ -99,20 +101,35 @@ def _timeout_s() -> float:
 
 
 def _spans_processes(target: Any) -> bool:
-    """Whether ``target`` holds a ``jax.Array`` sharded over devices of several processes
-    (the same answer on every process: it depends on the global sharding only)."""
+    """Whether ``target`` holds a ``jax.Array`` (or a ``jax.ShapeDtypeStruct`` target) sharded
+    over devices of several processes: the same answer on every process for the same global
+    tree (it depends on the global sharding only). Looks into what JAX sees as leaves but
+    holds arrays: brainstate States (``.value``, possibly a sub-tree) and Quantities
+    (``.mantissa``), as ``_tree.flatten`` does, without failing on anything odd."""
     import jax
 
     kinds = (jax.Array, jax.ShapeDtypeStruct)
 
-    def spans(value: Any) -> bool:
-        if not isinstance(value, kinds):
-            value = getattr(value, "value", None)  # a BrainPy Variable, a brainstate State
-        sharding = getattr(value, "sharding", None) if isinstance(value, kinds) else None
-        return sharding is not None and len({d.process_index for d in sharding.device_set}) > 1
+    def spans(value: Any, depth: int) -> bool:
+        if isinstance(value, kinds):
+            sharding = value.sharding
+            return sharding is not None and len({d.process_index for d in sharding.device_set}) > 1
+        if depth > 8:
+            return False
+        for attr in ("value", "mantissa"):  # a State, a BrainPy Variable, a Quantity
+            try:
+                inner = getattr(value, attr, None)
+            except Exception:
+                continue
+            if inner is not None and inner is not value and walk(inner, depth + 1):
+                return True
+        return False
+
+    def walk(tree: Any, depth: int) -> bool:
+        return any(spans(leaf, depth) for leaf in jax.tree_util.tree_leaves(tree))
 
     try:
-        return any(map(spans, jax.tree_util.tree_leaves(target, is_leaf=spans)))
+        return walk(target, 0)
     except Exception:  # an odd container: flattening will say what is wrong, to everyone
         return True
 
@@ -136,31 +153,41 @@ def group(target: Any, kind: str = "save") -> Group | None:
     return Group(state.client, state.process_id, state.num_processes, kind)
 
 
-def open_agreed(target: Any, step: int | None, open_step: Callable[[int | None], Any]) -> Any:
-    """``open_step(step)``, the same step on every process where ``target`` is sharded over
-    processes: process 0 resolves it (the latest may change under a concurrent writer) and
-    the others open the step it found, so no global array mixes two steps. (The keys of
-    loads are not deleted: a few bytes per load, and no process waits for the others.)"""
-    agreed = group(target, "load")
+def open_agreed(
+    agreed: Group | None, root: str, step: int | None, open_step: Callable[[int | None], Any]
+) -> Any:
+    """``open_step(step)``, the same step on every process of a load into a target sharded
+    over processes (``agreed``, from ``group(target, "load")``, taken before anything that
+    may fail on one process only): process 0 resolves it (the latest may change under a
+    concurrent writer) and posts it with the call (``root``, ``step``); the others check the
+    call, open that very step and report (``opened/<p>``); process 0 returns only once every
+    process has, so a load fails everywhere or nowhere, and then deletes the load's keys."""
     if agreed is None:
         return open_step(step)
-    if agreed.leader:
-        try:
-            opened = open_step(step)
-        except BaseException as exc:
-            agreed.post("step", _error_doc(exc))
-            raise
-        agreed.post("step", {"step": opened.info.step, "dir": opened.info.dir} if opened else {})
+    call = {"root": root, "step": step}
+    if not agreed.leader:
+        doc = agreed.wait("step", "process 0's step to load", agreed.timeout_s)
+        if doc["call"] != call:
+            raise errors.StructureMismatchError(
+                f"collective load {agreed.number}: process 0 loads {doc['call']}, this "
+                f"process {call}; every process must load the same root and step"
+            )
+        opened = open_step(doc["step"]) if doc["step"] is not None else None
+        if opened is not None and opened.info.dir != doc["dir"]:
+            raise CollectiveError(
+                f"step {doc['step']}, which process 0 is loading, was replaced before this "
+                "process could open it (a concurrent save); every process must load again"
+            )
+        agreed.post(f"opened/{agreed.process}", {})
         return opened
-    doc = agreed.wait("step", "process 0's step to load", agreed.timeout_s)
-    if not doc:
-        return None  # no checkpoint: process 0 returns the target unchanged, so does this one
-    opened = open_step(doc["step"])
-    if opened is None or opened.info.dir != doc["dir"]:
-        raise CollectiveError(
-            f"step {doc['step']}, which process 0 is loading, was replaced before this process "
-            "could open it (a concurrent save); load again"
-        )
+    opened = open_step(step)
+    info = opened.info if opened is not None else None
+    agreed.post("step", {
+        "call": call, "step": info and info.step, "dir": info and info.dir,
+    })  # fmt: skip
+    for p in range(1, agreed.count):
+        agreed.wait(f"opened/{p}", f"process {p}'s step", agreed.timeout_s)
+    agreed._forget_load()
     return opened
 
 
@@ -173,8 +200,8 @@ class Group:
 
     def __init__(self, client: Any, process: int, count: int, kind: str = "save") -> None:
         self.client, self.process, self.count, self.kind = client, process, count, kind
+        self.timeout_s = _timeout_s()  # may raise: before taking a number
         self.number = next(_numbers[kind])
-        self.timeout_s = _timeout_s()
         self._posted: set[str] = set()
 
     @property
@@ -191,19 +218,34 @@ class Group:
 
     def fail(self, exc: BaseException) -> None:
         """Post ``exc`` under every key this process has yet to post, so no process waits
-        for it; the save is over for this process."""
+        for it; the save is over for this process. Every post is tried, whatever happens
+        during the others (a second Ctrl-C): a process left waiting would hang its job."""
         carried = getattr(exc, "_zarrckpt_carried", False)  # another process's: as it is
+        verdict = isinstance(exc, (errors.AlreadyExistsError, errors.StructureMismatchError))
         if self.leader:
-            for name in ("decision", "begun", "commit"):
-                prefix = "" if name == "decision" or carried else "process 0 failed: "
-                with contextlib.suppress(Exception):
-                    self.post(name, _error_doc(exc, prefix))
+            first = "decision" if self.kind == "save" else "step"  # where verdicts go
+            posts = [
+                (name, _error_doc(exc, "" if carried or (verdict and name == first)
+                                  else "process 0 failed: "))
+                for name in ((first, "begun", "commit") if self.kind == "save" else (first,))
+            ]  # fmt: skip
         else:
             failed = _error_doc(exc, "" if carried else f"process {self.process} failed: ")
-            for name in (f"tree/{self.process}", f"done/{self.process}"):
-                with contextlib.suppress(Exception):
-                    self.post(name, {**failed, "low": _low})
-        _finish(self.number)
+            names = ("tree", "done") if self.kind == "save" else ("opened",)
+            posts = [(f"{name}/{self.process}", {**failed, "low": _low}) for name in names]
+        interrupted: BaseException | None = None
+        try:
+            for name, doc in posts:
+                try:
+                    self.post(name, doc)
+                except Exception:
+                    pass
+                except BaseException as again:  # post the rest, then let it through
+                    interrupted = interrupted or again
+        finally:
+            _finish(self.number)
+        if interrupted is not None:
+            raise interrupted
 
     def wait(self, name: str, what: str, timeout_s: float | None) -> dict[str, Any]:
         """The document posted under ``name``; ``what`` names the waited-for for errors.
@@ -326,6 +368,7 @@ class Group:
     ) -> None:  # fmt: skip
         self.wait("begun", "process 0's lease on the step directory", self.timeout_s)
         if not run(storage.step_exists(info.dir)):
+            self._posted_error("commit")  # process 0 failed and removed it: say why
             raise CollectiveError(
                 f"{storage.describe(info.dir)}, which process 0 created, does not exist here: "
                 "the processes of a collective save must share its root (one file system, "
@@ -335,6 +378,11 @@ class Group:
         run(storage.sync())
         self.post(f"done/{self.process}", {"low": _low})
         self.wait("commit", "process 0's commit", None)
+
+    def _forget_load(self) -> None:
+        """Delete this load's keys: every process has read them (it posted ``opened``)."""
+        with contextlib.suppress(Exception):  # housekeeping only
+            self.client.key_value_delete(f"zarrckpt/load/{self.number}/")
 
     def _forget(self, below: int) -> None:
         """Delete the keys of every save below ``below`` (all processes are past them)."""

@@ -331,8 +331,9 @@ def global_target(path: str, target: Any) -> Any:
         return None
     if _is_key(target):
         raise UnsupportedLeafError(
-            f"leaf {path!r}: restoring a PRNG key sharded over processes is not supported; "
-            "restore it replicated, or as its key data (jax.random.key_data), and reshard"
+            f"leaf {path!r}: restoring a PRNG key onto devices of several processes is not "
+            "supported (sharded or replicated); restore its key data (a uint32 target of "
+            "jax.random.key_data's shape) and jax.random.wrap_key_data it"
         )
     return target
 

@@ -103,10 +103,18 @@ def load_pytree(
     unchanged with a :class:`MissingCheckpointWarning`, as ``bp.checkpoints`` does; a
     ``step`` that is not committed raises :class:`CheckpointNotFoundError`.
     """
-    if mismatch not in ("error", "warn", "ignore"):
-        raise ValueError(f"mismatch must be 'error', 'warn' or 'ignore', got {mismatch!r}")
-    storage = open_storage(filename, storage_options, read_only=True)
-    opened = _collective.open_agreed(target, step, lambda s: _read.open_step(storage, s))
+    agreed = _collective.group(target, "load")  # first: it numbers collective loads
+    try:
+        if mismatch not in ("error", "warn", "ignore"):
+            raise ValueError(f"mismatch must be 'error', 'warn' or 'ignore', got {mismatch!r}")
+        storage = open_storage(filename, storage_options, read_only=True)
+        opened = _collective.open_agreed(
+            agreed, storage.url, step, lambda s: _read.open_step(storage, s)
+        )
+    except BaseException as exc:
+        if agreed is not None:  # tell the other processes, so they do not wait for us
+            agreed.fail(exc)
+        raise
     if opened is None:
         warnings.warn(
             f"no checkpoint at {storage.url}; returning the target unchanged",
