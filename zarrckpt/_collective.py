@@ -56,7 +56,7 @@ from typing import Any
 
 import google_crc32c
 
-from . import errors
+from . import _sharding, errors
 from ._commit import commit_step
 from ._manifest import Manifest, StepInfo
 from ._storage import Storage
@@ -112,8 +112,7 @@ def _spans_processes(target: Any) -> bool:
 
     def spans(value: Any, depth: int) -> bool:
         if isinstance(value, kinds):
-            sharding = value.sharding
-            return sharding is not None and len({d.process_index for d in sharding.device_set}) > 1
+            return value.sharding is not None and _sharding.process_count(value.sharding) > 1
         if depth > 8:
             return False
         for attr in ("value", "mantissa"):  # a State, a BrainPy Variable, a Quantity

@@ -322,9 +322,8 @@ async def read_selections(
     }
 
     def consumer(
-        name: Any, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
+        name: Any, path: str, layout: ArrayLayout, parts: tuple[tuple[int, slice, slice], ...]
     ) -> tuple[str, Callable[[bytes | None], None]]:
-        path = name if isinstance(name, str) else name[0]
         idx = tuple(p[0] for p in parts)
         inner = tuple(p[1] for p in parts)
         outer = tuple(p[2] for p in parts)
@@ -373,7 +372,7 @@ async def read_selections(
                 for a, c, n in zip(sel.axes, layout.chunks, layout.shape, strict=True)
             ]
             for parts in itertools.product(*per_axis):
-                key, decode_into = consumer(name, layout, parts)
+                key, decode_into = consumer(name, path, layout, parts)
                 size = layout.chunk_nbytes
                 if batcher.enabled and size < _INLINE_BYTES:
                     job = batcher.add((key, decode_into), size)

@@ -131,7 +131,7 @@ def _host_array(path: str, value: Any, copy: bool) -> Any:
     process writes."""
     jax_array = _module_attr("jax", "Array")
     if _is(value, jax_array) and _sharding.is_global(value):
-        array = _sharding.owned_pieces(value, copy=False)  # immutable device buffers
+        array = _sharding.owned_pieces(value)
     elif _is(value, jax_array):
         array = np.asarray(value)  # device -> host; JAX arrays are immutable, so no copy
     elif isinstance(value, np.ndarray):
@@ -297,14 +297,21 @@ def _wrap_key(rec: dict[str, Any], array: np.ndarray, impl: str) -> Any:
         ) from exc
 
 
+def _stored_part(target: Any) -> Any:
+    """What of a target leaf holds the stored array: a BrainPy variable's or a brainstate
+    State's value, a Quantity's mantissa, else the leaf itself."""
+    if _is(target, _brainpy_array_type()) or _is(target, _module_attr("brainstate", "State")):
+        target = target.value  # they wrap their array
+    if _is(target, _quantity_type()):
+        target = target.mantissa
+    return target
+
+
 def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     """Shape and dtype of a target leaf as it would be stored (None for str/bytes)."""
     if isinstance(value, (str, bytes)):
         return None
-    if _is(value, _brainpy_array_type()) or _is(value, _module_attr("brainstate", "State")):
-        value = value.value  # they wrap their array
-    if _is(value, _quantity_type()):
-        value = value.mantissa
+    value = _stored_part(value)
     if _is_key(value):
         import jax
 
@@ -320,10 +327,7 @@ def describe(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
 def global_target(path: str, target: Any) -> Any:
     """The ``jax.Array`` or ``jax.ShapeDtypeStruct`` inside a target leaf if it is sharded
     over other processes too (each process then reads only its shards), else None."""
-    if _is(target, _brainpy_array_type()) or _is(target, _module_attr("brainstate", "State")):
-        target = target.value
-    if _is(target, _quantity_type()):
-        target = target.mantissa
+    target = _stored_part(target)
     jax_types = tuple(
         t for t in (_module_attr("jax", "Array"), _module_attr("jax", "ShapeDtypeStruct")) if t
     )

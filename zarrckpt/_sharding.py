@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Shards", "aligned_chunks", "bounding", "describe", "owned_pieces", "regions", "within"]
+__all__ = [
+    "Shards",
+    "aligned_chunks",
+    "bounding",
+    "describe",
+    "owned_pieces",
+    "process_count",
+    "regions",
+    "within",
+]
 
 Index = tuple[slice, ...]
 
@@ -46,8 +55,9 @@ def _normalized(index: Index, shape: tuple[int, ...]) -> tuple[tuple[int, int], 
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
-def owned_pieces(value: Any, copy: bool) -> Shards:
-    """The shards of the global ``jax.Array`` ``value`` that this process writes."""
+def owned_pieces(value: Any) -> Shards:
+    """The shards of the global ``jax.Array`` ``value`` that this process writes (views of
+    its immutable device buffers: never copied, also for background saves)."""
     shape = tuple(value.shape)
     index_map = value.sharding.devices_indices_map(shape)
     owner: dict[tuple[tuple[int, int], ...], int] = {}
@@ -63,8 +73,7 @@ def owned_pieces(value: Any, copy: bool) -> Shards:
         if key in seen or owner[key] != shard.device.process_index:
             continue
         seen.add(key)
-        data = np.asarray(shard.data)
-        pieces.append((tuple(lo for lo, _ in key), data.copy() if copy else data))
+        pieces.append((tuple(lo for lo, _ in key), np.asarray(shard.data)))
     pieces.sort(key=lambda piece: piece[0])
     return Shards(shape, np.dtype(value.dtype), tuple(pieces), boundaries)
 
@@ -108,6 +117,11 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // k for k in small]))
 
 
+def process_count(sharding: Any) -> int:
+    """How many processes hold devices of ``sharding`` (the same on every process)."""
+    return len({d.process_index for d in sharding.device_set})
+
+
 def describe(sharding: Any, shape: tuple[int, ...]) -> dict[str, Any] | None:
     """What the step record says of a leaf's sharding (None: one device, nothing to say)."""
     devices = sharding.device_set
@@ -117,7 +131,7 @@ def describe(sharding: Any, shape: tuple[int, ...]) -> dict[str, Any] | None:
         "type": type(sharding).__name__,
         "shard_shape": list(sharding.shard_shape(shape)),
         "devices": len(devices),
-        "processes": len({d.process_index for d in devices}),
+        "processes": process_count(sharding),
     }
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     if mesh is not None and spec is not None:
