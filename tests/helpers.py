@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import numpy as np
+from hypothesis import strategies as st
 
 from zarrckpt._dtypes import _ML_DTYPES
 
@@ -26,3 +27,18 @@ def assert_same(a, b):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     else:
         assert a == b
+
+
+def nested_trees(leaves, keys, point):
+    """Trees of ``leaves`` in lists, tuples, dicts keyed by ``keys`` and the namedtuple class
+    ``point`` (two fields), at most 10 leaves."""
+    return st.recursive(
+        leaves,
+        lambda kids: st.one_of(
+            st.lists(kids, max_size=3),
+            st.lists(kids, max_size=3).map(tuple),
+            st.dictionaries(keys, kids, max_size=4),
+            st.builds(point, kids, kids),
+        ),
+        max_leaves=10,
+    )

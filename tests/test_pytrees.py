@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same
+from helpers import assert_same, nested_trees
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -496,16 +496,7 @@ _leaf = st.one_of(
     st.integers(-5, 5),
     st.none(),
 )  # fmt: skip
-_trees = st.recursive(
-    _leaf,
-    lambda kids: st.one_of(
-        st.lists(kids, max_size=3),
-        st.lists(kids, max_size=3).map(tuple),
-        st.dictionaries(_keys, kids, max_size=4),
-        st.builds(Point, kids, kids),
-    ),
-    max_leaves=10,
-)
+_trees = nested_trees(_leaf, _keys, Point)
 
 
 @settings(

@@ -10,6 +10,7 @@ from collections import OrderedDict, defaultdict, namedtuple
 
 import numpy as np
 import pytest
+from helpers import nested_trees
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -611,16 +612,7 @@ _keys = st.one_of(
     st.tuples(st.one_of(st.text(max_size=3), st.integers(0, 3)))
     .flatmap(lambda first: st.lists(st.one_of(st.sampled_from("abAB"), st.integers(0, 2)), max_size=2).map(lambda rest: (*first, *rest))),
 )  # fmt: skip
-_trees = st.recursive(
-    st.one_of(st.integers(0, 9), st.none()),
-    lambda kids: st.one_of(
-        st.lists(kids, max_size=3),
-        st.lists(kids, max_size=3).map(tuple),
-        st.dictionaries(_keys, kids, max_size=4),
-        st.builds(Point, kids, kids),
-    ),
-    max_leaves=10,
-)
+_trees = nested_trees(st.one_of(st.integers(0, 9), st.none()), _keys, Point)
 _json = st.recursive(
     st.one_of(
         st.none(), st.booleans(), st.integers(-2, 2**64), st.floats(), st.text(max_size=4),
