@@ -7,6 +7,8 @@ Drop-in for ``bp.checkpoints``::
     state = zarrckpt.load_pytree("ckpt/")
 """
 
+from importlib import metadata as _metadata
+
 from . import _dtypes  # noqa: F401  (registers bfloat16 & co. with zarr-python)
 from ._async import AsyncManager
 from ._brainpy import StateLoadResult, load_module, save_module
@@ -30,7 +32,10 @@ from .errors import (
     ZarrCkptWarning,
 )
 
-__version__ = "0.1.0"
+try:  # written in one place, pyproject.toml; installing the package records it
+    __version__ = _metadata.version("zarrckpt")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AlreadyExistsError",
