@@ -1,5 +1,8 @@
 """Background saves: snapshot at call time, one at a time, errors surfaced."""
 
+import json
+import subprocess
+import sys
 import threading
 
 import jax.numpy as jnp
@@ -79,3 +82,97 @@ def test_overwrite_check_is_synchronous(url):
             zarrckpt.save_pytree(
                 url, {"w": 1}, step=3, overwrite=False, async_manager=manager, verbose=False
             )
+
+
+# A script whose one background save is still running when it exits: its ``write_step`` waits
+# 1.5 s first, then writes through zarrckpt's I/O pools, which Python stops at exit.
+EXIT_SCRIPT = """
+import asyncio, sys
+import numpy as np
+import zarrckpt, zarrckpt._write as write
+
+original = write.write_step
+
+async def slow(*args, **kwargs):
+    await asyncio.sleep(1.5)
+    if sys.argv[2] == "fail":
+        raise OSError("disk on fire")
+    await original(*args, **kwargs)
+
+write.write_step = slow
+m = zarrckpt.AsyncManager()
+zarrckpt.save_pytree(sys.argv[1], {"w": np.arange(100_000.0)}, async_manager=m, verbose=False)
+if sys.argv[2] == "exit":
+    sys.exit(0)
+if sys.argv[2] == "raise":
+    raise ValueError("uncaught")
+if sys.argv[2] == "del":
+    del m
+    import gc
+    gc.collect()
+"""
+
+
+def _run_script(root, how):
+    return subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(root), how],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["end", "exit", "raise", "del"])
+def test_a_save_running_at_exit_is_finished(tmp_path, how):
+    root = tmp_path / "ckpt"
+    done = _run_script(root, how)
+    assert done.returncode == (1 if how == "raise" else 0), done.stderr
+    assert "zarrckpt: waiting for the background save" in done.stderr
+    assert "to finish..." in done.stderr
+    assert zarrckpt.list_steps(root) == [0]
+    np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], np.arange(100_000.0))
+    manifest = json.loads((root / "zarr.json").read_text())
+    committed = {s["dir"] for s in manifest["attributes"]["zarrckpt"]["steps"]}
+    debris = {p.name for p in root.iterdir() if p.name.startswith(("step_", ".tmp-"))}
+    assert debris == committed
+
+
+def test_a_save_failing_at_exit_is_reported(tmp_path):
+    root = tmp_path / "ckpt"
+    done = _run_script(root, "fail")
+    assert done.returncode == 0, done.stderr
+    assert "zarrckpt: the background save" in done.stderr
+    assert "failed: " in done.stderr and "disk on fire" in done.stderr
+    assert zarrckpt.list_steps(root) == []
+
+
+def test_an_unseen_failure_is_reported_at_exit(tmp_path):
+    script = (
+        "import time, zarrckpt\n"
+        "def boom():\n"
+        "    raise OSError('disk on fire')\n"
+        "m = zarrckpt.AsyncManager()\n"
+        "m.save_async(boom)\n"
+        "time.sleep(0.2)\n"  # it failed, and nobody asked
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "zarrckpt: the background save failed: OSError: disk on fire" in done.stderr
+
+
+def test_a_save_after_a_failed_one_says_it_saved_nothing():
+    def boom():
+        raise OSError("disk on fire")
+
+    ran = []
+    with AsyncManager() as manager:
+        manager.save_async(boom, step=3, url="file:///runs/a")
+        with pytest.raises(zarrckpt.BackgroundSaveError) as info:
+            manager.save_async(lambda: ran.append(4), step=4, url="file:///runs/a")
+        assert str(info.value) == (
+            "the background save of step 3 to file:///runs/a failed: OSError: disk on fire; "
+            "this call saved nothing: call save_pytree again"
+        )
+        assert isinstance(info.value.__cause__, OSError)
+        assert ran == []
+        # the failure has been raised: the next save starts afresh
+        manager.save_async(lambda: ran.append(5), step=5, url="file:///runs/a")
+    assert ran == [5]

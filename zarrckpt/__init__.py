@@ -17,6 +17,7 @@ from .api import latest_step, list_steps, load_pytree, save_pytree
 from .checkpoint import Checkpoint, LazyArray, TreeView, open_checkpoint
 from .errors import (
     AlreadyExistsError,
+    BackgroundSaveError,
     CheckpointNotFoundError,
     CollectionWarning,
     CollectiveError,
@@ -40,6 +41,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 __all__ = [
     "AlreadyExistsError",
     "AsyncManager",
+    "BackgroundSaveError",
     "Checkpoint",
     "CheckpointNotFoundError",
     "CollectionWarning",

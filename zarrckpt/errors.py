@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyExistsError",
+    "BackgroundSaveError",
     "CheckpointNotFoundError",
     "CollectionWarning",
     "ConcurrentWriteError",
@@ -59,6 +60,14 @@ class StoreError(ZarrCkptError, OSError):
 class CollectiveError(ZarrCkptError, RuntimeError):
     """A save by every process of a multi-process JAX job failed on another process, or the
     processes did not all make it (nothing was committed)."""
+
+
+class BackgroundSaveError(ZarrCkptError, RuntimeError):
+    """A background save (``AsyncManager``) failed, and the save that found out saved nothing.
+
+    Raised by the next ``save_pytree(..., async_manager=m)``; ``__cause__`` is the failed
+    save's error (which ``wait_previous_save()`` and ``close()`` raise as it is).
+    """
 
 
 class ZarrCkptWarning(UserWarning):
