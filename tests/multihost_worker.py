@@ -56,13 +56,13 @@ def _spy(open_storage: Any) -> Any:
             written.extend(key for key, _ in items)
             await put_batch(items)
 
-        async def spy_get(key: str) -> Any:
+        async def spy_get(key: str, limit: int | None = None) -> Any:
             read.append(key)
-            return await get(key)
+            return await get(key, limit)
 
-        async def spy_get_batch(items: Any) -> None:
+        async def spy_get_batch(items: Any, limit: int | None = None) -> None:
             read.extend(key for key, _ in items)
-            await get_batch(items)
+            await get_batch(items, limit)
 
         storage.put, storage.put_batch = spy_put, spy_put_batch
         storage.get, storage.get_batch = spy_get, spy_get_batch

@@ -17,8 +17,8 @@ class CountingStorage(LocalStorage):
         super().__init__(root)
         self.gets, self.bytes = [], 0
 
-    def _get(self, key):  # every read, batched or not, goes through here
-        data = super()._get(key)
+    def _get(self, key, limit=None):  # every read, batched or not, goes through here
+        data = super()._get(key, limit)
         self.gets.append(key)
         self.bytes += len(data or b"")
         return data

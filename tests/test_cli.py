@@ -310,6 +310,66 @@ def test_verify_a_damaged_step_record(root, capsys):
     assert "step 2: DAMAGED: " in out and "crc32c checksum mismatch (the step record" in out
 
 
+def _edit_zarr_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+ZARR_JSON_EDITS = {
+    # what other Zarr readers decode by, none of which zarrckpt's own reads look at
+    "codecs": lambda d: d["codecs"][0].update(configuration={"endian": "big"}),
+    "fill_value": lambda d: d.update(fill_value=1.0),
+    "chunk_key_encoding": lambda d: d["chunk_key_encoding"].update(
+        configuration={"separator": "/"}
+    ),
+    "dimension_names": lambda d: d.update(dimension_names=["a", "b"]),
+    "attributes": lambda d: d.update(attributes={"units": "mV"}),
+    "storage_transformers": lambda d: d.update(storage_transformers=[{"name": "x"}]),
+}
+
+
+@pytest.mark.parametrize("what", list(ZARR_JSON_EDITS))
+def test_verify_compares_the_whole_zarr_json_with_the_record(root, capsys, what):
+    meta = _step_dir(root, 2) / "net/l1/W/zarr.json"
+    _edit_zarr_json(meta, ZARR_JSON_EDITS[what])
+    status, out, _ = zc(capsys, "verify", root)
+    assert status == 1, out
+    assert "net/l1/W: leaf 'net/l1/W'" in out
+    assert f"the array's zarr.json disagrees with the step record in {what!r}" in out
+    assert zarrckpt.load_pytree(root)["net"]["l1"]["W"].dtype == np.float32  # zarrckpt's reads
+
+
+def test_a_big_endian_codec_makes_zarr_read_other_values(root, capsys):
+    """Why verify must compare codecs: zarr-python decodes by the array's zarr.json."""
+    import zarr
+
+    meta = _step_dir(root, 2) / "net/l1/W/zarr.json"
+    saved = zarrckpt.load_pytree(root)["net"]["l1"]["W"]
+    np.testing.assert_array_equal(zarr.open_array(str(meta.parent), mode="r")[:], saved)
+    _edit_zarr_json(meta, ZARR_JSON_EDITS["codecs"])
+    assert not np.array_equal(zarr.open_array(str(meta.parent), mode="r")[:], saved)
+    status, out, _ = zc(capsys, "verify", root)
+    assert status == 1 and '"endian": "big"' in out and '"endian": "little"' in out
+
+
+def test_verify_accepts_what_older_versions_wrote_and_chosen_dims(tmp_path, root, capsys):
+    """Arrays written before ``dimension_names`` existed have none (tests/golden/v0.1.0);
+    dimension names given to save_pytree are what the record implies."""
+    for meta in _step_dir(root, 2).rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        if doc.get("node_type") == "array":
+            del doc["dimension_names"]
+            meta.write_text(json.dumps(doc))
+    assert zc(capsys, "verify", root)[0] == 0
+    path = str(tmp_path / "dims")
+    zarrckpt.save_pytree(path, _state(0), dims={"net/l1/W": ("pre", "post")}, verbose=False)
+    assert zc(capsys, "verify", path)[0] == 0
+    golden = ROOT / "tests/golden/v0.1.0"
+    for case in sorted(p for p in golden.iterdir() if p.is_dir()):
+        assert zc(capsys, "verify", case, "--all")[0] == 0, case
+
+
 def test_verify_on_s3(s3_root, capsys):
     url, options = s3_root
     for step in range(2):

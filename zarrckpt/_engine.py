@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._format import ArrayLayout
+from ._format import ArrayLayout, encoded_bound
 from ._indexing import Selection, normalize
 from ._sharding import Shards
 from ._storage import Storage
@@ -33,6 +33,8 @@ MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 64
 #: Chunks smaller than this are encoded/decoded on the loop thread.
 _INLINE_BYTES = 256 * 1024
+#: No file read in a batch (chunks under ``_INLINE_BYTES``) can legitimately hold more.
+_BATCHED_FILE_BYTES = encoded_bound(_INLINE_BYTES, compressed=True)
 
 
 class _Budget:
@@ -335,10 +337,13 @@ async def read_selections(
         return key, _chunk_consumer(storage, path, layout, key, put)
 
     def get_chunk(
-        key: str, decode_into: Callable[[bytes | None], None], size: int, out_bytes: int
+        key: str, decode_into: Callable[[bytes | None], None], layout: ArrayLayout, out_bytes: int
     ) -> Callable[[], Any]:
+        size = layout.chunk_nbytes
+
         async def work() -> None:
-            await _offload(size, decode_into, await storage.get(key))
+            data = await storage.get(key, layout.max_chunk_file_bytes)
+            await _offload(size, decode_into, data)
 
         return _budgeted(budget, size, work, progress, out_bytes)
 
@@ -358,7 +363,9 @@ async def read_selections(
     def batch_job(
         items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int
     ) -> Callable[[], Any]:
-        return _budgeted(budget, nbytes, lambda: storage.get_batch(items), progress, nbytes)
+        return _budgeted(
+            budget, nbytes, lambda: storage.get_batch(items, _BATCHED_FILE_BYTES), progress, nbytes
+        )
 
     batcher = _Batcher(storage.batches_small_io and parallel, batch_job)
 
@@ -390,7 +397,7 @@ async def read_selections(
                     if dest is not None:  # raw chunk straight into the output: no copy
                         yield get_direct(key, path, layout, dest, out_bytes)
                     else:
-                        yield get_chunk(key, decode_into, size, out_bytes)
+                        yield get_chunk(key, decode_into, layout, out_bytes)
         job = batcher.flush()
         if job:
             yield job
@@ -419,7 +426,7 @@ async def read_leaves(
         items: list[tuple[str, Callable[[bytes | None], None]]], nbytes: int
     ) -> Callable[[], Any]:
         async def job() -> None:
-            await storage.get_batch(items)
+            await storage.get_batch(items, _BATCHED_FILE_BYTES)
             progress(nbytes)
 
         return job

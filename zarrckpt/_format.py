@@ -24,6 +24,7 @@ damage, not zeros.
 
 from __future__ import annotations
 
+import json
 import math
 import reprlib
 import sys
@@ -40,7 +41,14 @@ from . import _dtypes
 from ._sharding import Shards, aligned_chunks
 from .errors import CorruptCheckpointError
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ArrayLayout", "default_codec", "parse_codec", "shown"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "ArrayLayout",
+    "default_codec",
+    "encoded_bound",
+    "parse_codec",
+    "shown",
+]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("zarrckpt supports little-endian hosts only")
@@ -89,6 +97,15 @@ def default_codec(dtype: np.dtype) -> str:
     return "zstd:1" if dtype.kind in "biu" else "none"
 
 
+def encoded_bound(nbytes: int, compressed: bool) -> int:
+    """The most bytes a chunk file of ``nbytes`` uncompressed bytes can hold: the payload
+    and the 4-byte crc32c. Compressors expand incompressible data a little at worst (zstd's
+    ``ZSTD_compressBound``: n/256 plus at most 64 bytes; deflate: 5 bytes per 16 KiB block
+    plus an 18-byte gzip header and trailer), so ``n/4 + 4 KiB`` of room covers both. Reads
+    refuse a larger file before reading it."""
+    return nbytes + (nbytes // 4 + 4096 if compressed else 0) + 4
+
+
 def chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
     """Chunks of at most ``chunk_bytes`` that split leading axes only, balanced in size."""
     chunks = [max(1, s) for s in shape]
@@ -111,6 +128,16 @@ def _int_tuple(value: Any) -> Any:
     if isinstance(value, list) and all(type(n) is int for n in value):
         return tuple(value)
     return value
+
+
+_ABSENT = object()
+
+
+def _canonical(value: Any) -> str:
+    """A JSON value spelt one way (keys sorted), so that ``0`` and ``false`` differ."""
+    if value is _ABSENT:
+        return "nothing"
+    return json.dumps(value, sort_keys=True, ensure_ascii=True)
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -208,6 +235,34 @@ class ArrayLayout:
                 f"{shown(found[1])}, chunks {shown(found[2])}"
             )
 
+    def check_whole_zarr_json(
+        self, doc: Any, where: str, path: str, dims: list[str] | None = None
+    ) -> None:
+        """Refuse an array ``zarr.json`` that is not, field for field, the one the record
+        implies (:meth:`zarr_json` of this layout, the leaf's ``path`` and ``dims``): other
+        Zarr readers decode by it, so a codec, fill value or key encoding edited there makes
+        them read other values than zarrckpt does. (Arrays written before
+        ``dimension_names`` existed have none: its absence is accepted.)"""
+        self.check_zarr_json(doc, where)
+        implied = self.zarr_json(None, path, dims)
+        if "dimension_names" not in doc:
+            del implied["dimension_names"]
+        differ = [
+            key
+            for key in sorted(implied.keys() | doc.keys())
+            if _canonical(doc.get(key, _ABSENT)) != _canonical(implied.get(key, _ABSENT))
+        ]
+        if differ:
+            key = differ[0]
+            found = _canonical(doc.get(key, _ABSENT))[:300]
+            wanted = _canonical(implied.get(key, _ABSENT))[:300]
+            others = f" (and in {', '.join(map(repr, differ[1:]))})" if differ[1:] else ""
+            raise CorruptCheckpointError(
+                f"{where}: the array's zarr.json disagrees with the step record in {key!r}"
+                f"{others}: it has {found}, the record implies {wanted}; other Zarr readers "
+                "would decode it differently from zarrckpt"
+            )
+
     # --- geometry ----------------------------------------------------------------------------
 
     @property
@@ -225,6 +280,11 @@ class ArrayLayout:
     @property
     def chunk_nbytes(self) -> int:
         return math.prod(self.chunks) * self.dtype.itemsize
+
+    @property
+    def max_chunk_file_bytes(self) -> int:
+        """The largest chunk file this layout can have (:func:`encoded_bound`)."""
+        return encoded_bound(self.chunk_nbytes, self.codec != "none")
 
     def chunk_ids(self) -> Iterator[tuple[int, ...]]:
         return iter(np.ndindex(*self.grid)) if self.shape else iter([()])

@@ -31,6 +31,8 @@ import math
 import re
 import reprlib
 import secrets
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,7 +45,10 @@ __all__ = [
     "FORMAT_MINOR",
     "FORMAT_VERSION",
     "MANIFEST_KEY",
+    "MANIFEST_MAX_BYTES",
+    "METADATA_MAX_BYTES",
     "SPARE_PREFIX",
+    "STEP_RECORD_MAX_BYTES",
     "Manifest",
     "StepInfo",
     "checksum",
@@ -85,12 +90,70 @@ def _shown(value: Any) -> str:
     return _REPR.repr(value)
 
 
+# --- how much of a document is read ---------------------------------------------------------
+# A checkpoint may come from a stranger, so nothing is read from it without a bound known
+# before the read: the storage refuses a larger value from its size alone
+# (``Storage.get(key, limit)``), so a 1 GiB sparse file in place of a document costs nothing.
+
+#: The manifest: ~220 bytes per committed step, so 64 MiB lists ~300,000 steps (a save a
+#: minute, every one kept, for seven months). Every open parses all of it: a manifest near
+#: this size would cost a second per load, long before it is refused.
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+#: A step record grows with the tree (~170 bytes per leaf with short names, more with long
+#: keys, units or shardings; containers without leaves cost too), and nothing read before it
+#: bounds the tree: the manifest's leaf count is a writer's word and counts no containers. So
+#: a fixed ceiling: 256 MiB holds over a million leaves with long names, and is what one
+#: load may spend on it (checked against the manifest's crc32c before it is parsed).
+STEP_RECORD_MAX_BYTES = 256 * 1024 * 1024
+#: An array's or group's own ``zarr.json``: what zarrckpt writes is under 1 KiB plus the
+#: dimension names, whose worst case (64 axes named after a path 256 levels deep of 255-byte
+#: names, JSON-escaped) is ~8.4 MB.
+METADATA_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _parse_in_a_fresh_thread(data: bytes) -> Any:
+    """``json.loads(data)`` on a thread of its own, whose stack is empty (see parse_json)."""
+    box: dict[str, Any] = {}
+
+    def parse() -> None:
+        try:
+            box["doc"] = json.loads(data)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=parse, name="zarrckpt-json", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box["doc"]
+
+
 def parse_json(data: bytes, where: str, what: str) -> Any:
-    """``data`` parsed, or :class:`CorruptCheckpointError` naming ``where`` and ``what`` it is."""
+    """``data`` parsed, or :class:`CorruptCheckpointError` naming ``where`` and ``what`` it is.
+
+    Python's JSON parser recurses once per nesting level, within the recursion limit of the
+    calling thread: called deep in a stack (a framework's callbacks, a recursive caller), a
+    record that zarrckpt wrote (at most ~2 levels per tree level, ``_tree.MAX_DEPTH``) could
+    run out where it parses fine from the top. Such a parse is retried on a fresh thread;
+    a document that nests too deeply even there is refused as such, not as invalid JSON.
+    """
+    problem = None
     try:
         return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: {what} is not valid JSON ({exc})") from None
+    except ValueError as exc:  # the message only: a traceback would keep the decoded text
+        problem = f"{what} is not valid JSON ({exc})"
+    except RecursionError:
+        try:
+            return _parse_in_a_fresh_thread(data)
+        except ValueError as exc:
+            problem = f"{what} is not valid JSON ({exc})"
+        except RecursionError:
+            problem = (
+                f"{what} nests deeper than Python's JSON parser can follow (recursion limit "
+                f"{sys.getrecursionlimit()}), far deeper than any document zarrckpt writes"
+            )
+    raise CorruptCheckpointError(f"{where}: {problem}")
 
 
 def checksum(data: bytes) -> int:

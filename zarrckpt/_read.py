@@ -10,6 +10,13 @@ listing of their chunks before their memory is allocated, so a record that claim
 array must agree with the array it names and with what its chunks can hold (the chunks
 themselves are verified by checksum as they arrive). A lazy view skips those checks until
 a whole leaf is materialised: slicing a huge leaf reads only what is asked for.
+
+Nothing is read without a bound known before the read (``_manifest.*_MAX_BYTES`` for the
+documents, the record's chunk sizes for chunks). And a step that a newer commit drops while
+it is being read is a race, never damage: every read (the record's too) is confirmed
+afterwards against the step's directory and, after a failure, against the newest manifest;
+opening the latest step then starts again with the newer manifest, an explicit step is a
+:class:`~zarrckpt.errors.CheckpointNotFoundError` saying that it was dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ from ._commit import read_manifest
 from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout
 from ._indexing import normalize
-from ._manifest import Manifest, StepInfo, parse_json, parse_step_record
+from ._manifest import (
+    METADATA_MAX_BYTES,
+    STEP_RECORD_MAX_BYTES,
+    Manifest,
+    StepInfo,
+    parse_json,
+    parse_step_record,
+)
 from ._progress import progress_bar
 from ._repr import human
 from ._storage import Storage, open_storage
@@ -62,6 +76,10 @@ CROSS_CHECK_BYTES = 64 * 1024 * 1024
 #: ... and so are leaves cut into more chunks than this (a record claiming millions of tiny
 #: chunks would otherwise cost per-chunk work before the first missing one is found).
 CROSS_CHECK_CHUNKS = 4096
+#: How many times opening the latest step starts again with a newer manifest when newer
+#: commits drop the step being opened (a save loop with ``keep=1`` drops it at every commit,
+#: so a slow reader may lose a few races in a row; each try costs two small reads).
+OPEN_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -102,15 +120,40 @@ class OpenStep:
         return record
 
 
+class _Dropped(Exception):
+    """The step being opened was dropped by a newer commit meanwhile (not damage)."""
+
+    def __init__(self, manifest: Manifest | None) -> None:
+        super().__init__()
+        self.manifest = manifest  # the newer one
+
+
 def _read_record(storage: Storage, info: StepInfo) -> dict[str, Any]:
+    """The tree record of the committed step ``info``, read as its data is (:func:`fetch`):
+    confirmed afterwards to belong to a step still there under its name, or else
+    :class:`_Dropped` with the newer manifest that no longer lists it. A failure of a step
+    that the newest manifest still lists is damage."""
     key = f"{info.dir}/zarr.json"
-    data = run(storage.get(key))
-    if data is None:
+    where = storage.describe(key)
+    try:
+        data = run(storage.get(key, STEP_RECORD_MAX_BYTES))
+        if data is None:
+            raise CorruptCheckpointError(
+                f"{where} is missing: step {info.step} is listed in the manifest but its data "
+                "is gone"
+            )
+        record = parse_step_record(data, info, where)
+        if run(storage.step_exists(info.dir)):
+            return record
         raise CorruptCheckpointError(
-            f"{storage.describe(key)} is missing: step {info.step} is listed in the manifest "
+            f"{storage.describe(info.dir)} is gone: step {info.step} is listed in the manifest "
             "but its data is gone"
         )
-    return parse_step_record(data, info, storage.describe(key))
+    except CorruptCheckpointError:
+        newer = run(read_manifest(storage))
+        if newer is None or info.dir not in newer.dirs:
+            raise _Dropped(newer) from None
+        raise
 
 
 def open_step(
@@ -124,17 +167,32 @@ def open_step(
             "checkpoint? read it with braintools.file.msgpack_load)"
         )
     manifest = run(read_manifest(storage))
-    if manifest is None or not manifest.steps:
-        if step is not None:
-            raise CheckpointNotFoundError(f"no checkpoint at {storage.url} (asked for step {step})")
-        return None
-    info = manifest.latest if step is None else manifest.get(step)
-    if info is None:
-        raise CheckpointNotFoundError(
-            f"step {step} is not committed at {storage.url}; committed steps: "
-            f"{manifest.step_numbers}"
-        )
-    return OpenStep(storage, manifest, info, _read_record(storage, info))
+    dropped = None  # the step that a newer commit dropped while it was being opened
+    for _ in range(OPEN_ATTEMPTS):
+        if manifest is None or not manifest.steps:
+            if step is not None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint at {storage.url} (asked for step {step})"
+                )
+            return None
+        info = manifest.latest if step is None else manifest.get(step)
+        if info is None:
+            gone = "is not committed"
+            if dropped is not None:
+                gone = "was dropped by a newer commit (retention or overwrite) while being opened"
+            raise CheckpointNotFoundError(
+                f"step {step} {gone} at {storage.url}; committed steps: {manifest.step_numbers}"
+            )
+        try:
+            return OpenStep(storage, manifest, info, _read_record(storage, info))
+        except _Dropped as exc:  # a race, not damage: open what the newer manifest lists
+            dropped, manifest = info, exc.manifest
+    assert dropped is not None
+    raise CheckpointNotFoundError(
+        f"{storage.url}: step {dropped.step} was dropped by a newer commit while it was being "
+        f"opened, {OPEN_ATTEMPTS} times in a row (commits come faster than this reader opens "
+        "a step); try again"
+    )
 
 
 def _gone(opened: OpenStep) -> CheckpointNotFoundError:
@@ -178,7 +236,9 @@ async def cross_check(opened: OpenStep, wanted: dict[str, ArrayLayout]) -> None:
         leaf_dir = f"{opened.info.dir}/{path}"
         key = f"{leaf_dir}/zarr.json"
         where = f"leaf {path!r} ({storage.describe(key)})"
-        data, names = await asyncio.gather(storage.get(key), storage.list_dir(leaf_dir))
+        data, names = await asyncio.gather(
+            storage.get(key, METADATA_MAX_BYTES), storage.list_dir(leaf_dir)
+        )
         if data is None:
             raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
         doc = parse_json(data, where, "zarr.json")
@@ -203,7 +263,7 @@ def read(
 ) -> dict[str, Any]:
     """Whole leaves of an open step, path -> numpy array."""
     wanted = {rec["path"]: opened.layouts[rec["path"]] for rec in records}
-    run(cross_check(opened, wanted))
+    fetch(opened, cross_check(opened, wanted))
     total = sum(layout.nbytes for layout in wanted.values())
     start = time.perf_counter()
     with progress_bar(total, f"load step {opened.info.step}", verbose) as progress:
@@ -225,7 +285,7 @@ def read_shards(opened: OpenStep, shardings: dict[str, Any], parallel: bool) -> 
     import jax
 
     wanted = {path: opened.layouts[path] for path in shardings}
-    run(cross_check(opened, wanted))
+    fetch(opened, cross_check(opened, wanted))
     requests, placed = {}, {}
     for path, sharding in shardings.items():
         shape = wanted[path].shape

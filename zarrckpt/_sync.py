@@ -149,3 +149,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             with contextlib.suppress(BaseException):  # a second Ctrl-C abandons the wait
                 future.result()  # until the coroutine has unwound
         raise
+    finally:
+        # The error's traceback holds this frame, whose future and task hold the error: a
+        # cycle that would keep everything the failed coroutine's frames held (a document
+        # read whole, say) until the garbage collector's next full pass. Break it.
+        if future.done():  # (else ``cancel`` may still need the task)
+            task.clear()
+        del future

@@ -27,6 +27,7 @@ from ._format import ArrayLayout
 from ._indexing import normalize
 from ._read import (
     CROSS_CHECK_BYTES,
+    CROSS_CHECK_CHUNKS,
     Mismatch,
     OpenStep,
     check_alive,
@@ -39,7 +40,7 @@ from ._read import (
 )
 from ._storage import open_storage
 from ._sync import run
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["Checkpoint", "LazyArray", "TreeView", "open_checkpoint", "step_url"]
 
@@ -281,11 +282,15 @@ class _View:
             if prefix and not leaf_path.startswith(prefix):
                 prefix = ""  # a record whose paths do not follow its nesting: step-rooted
                 break
-        for rec in _tree.iter_leaf_records(node._checked()):
-            rel = rec["path"][len(prefix) :]
+        leaves = [
+            LazyArray(node._opened, rec, rec["path"], node._source)
+            for rec in _tree.iter_leaf_records(node._checked())
+        ]
+        _justify_chunks(node._opened, {leaf.path: leaf._layout for leaf in leaves})
+        for leaf in leaves:
+            rel = leaf.path[len(prefix) :]
             group, _, name = rel.rpartition("/")
-            leaf = LazyArray(node._opened, rec, rec["path"], node._source)
-            groups.setdefault(group, {})[name] = (leaf.dims, leaf.to_dask())
+            groups.setdefault(group, {})[name] = (leaf.dims, leaf._dask())
         if set(groups) <= {""}:
             return xr.Dataset(groups.get("", {}))
         return xr.DataTree.from_dict(
@@ -379,6 +384,31 @@ class TreeView(_View):
     """A lazy view of a sub-tree (``ckpt["net/l2"]``)."""
 
 
+def _justify_chunks(opened: OpenStep, layouts: dict[str, ArrayLayout]) -> None:
+    """Refuse to build a lazy graph of more chunks than the stored data holds.
+
+    A dask graph costs memory and time per block before anything is read (~20 bytes and
+    30 ns each to lay out its chunks; 2^28 one-element chunks, a ~100-byte edit of a record,
+    cost 5.6 GiB and 8.5 s). So a leaf cut into more than ``CROSS_CHECK_CHUNKS`` chunks must
+    show them: its ``zarr.json`` must agree with the record and its directory must list every
+    chunk (:func:`~zarrckpt._read.cross_check`), which costs what the data itself holds. A
+    record claiming chunks that are not there is refused naming the leaf, the count and the
+    limit.
+    """
+    many = {p: lay for p, lay in layouts.items() if lay.n_chunks > CROSS_CHECK_CHUNKS}
+    if not many:
+        return
+    try:
+        fetch(opened, cross_check(opened, many))
+    except CorruptCheckpointError as exc:
+        counts = ", ".join(f"{p!r}: {lay.n_chunks}" for p, lay in list(many.items())[:5])
+        raise CorruptCheckpointError(
+            f"refusing a lazy graph of chunks the data does not hold (leaves cut into more "
+            f"than {CROSS_CHECK_CHUNKS} chunks must list them all; chunks claimed {counts}): "
+            f"{exc}"
+        ) from None
+
+
 class LazyArray:
     """One leaf, read on demand: NumPy-style slicing fetches only the chunks it touches."""
 
@@ -415,7 +445,13 @@ class LazyArray:
     def to_dask(self) -> Any:
         """A ``dask.array`` with one block per stored chunk, each read through zarrckpt
         (checksums verified, the step pinned). Builds no more than the graph: nothing is
-        read until it is computed. The graph pickles (see :meth:`__reduce__`)."""
+        read until it is computed, except for a leaf cut into more than
+        ``CROSS_CHECK_CHUNKS`` chunks, whose chunks are listed first (see
+        :func:`_justify_chunks`). The graph pickles (see :meth:`__reduce__`)."""
+        _justify_chunks(self._opened, {self.path: self._layout})
+        return self._dask()
+
+    def _dask(self) -> Any:
         import dask.array as da
         from dask.base import tokenize
 
@@ -447,7 +483,7 @@ class LazyArray:
         sel = normalize(selection, self.shape)
         if math.prod(sel.shape) * self.dtype.itemsize > CROSS_CHECK_BYTES:
             # a large read allocates first: the record must agree with the array it names
-            run(cross_check(self._opened, {self._record["path"]: self._layout}))
+            fetch(self._opened, cross_check(self._opened, {self._record["path"]: self._layout}))
         request = {self._record["path"]: (self._layout, sel)}
         read = read_selections(self._opened.storage, self._opened.info.dir, request)
         return fetch(self._opened, read)[self._record["path"]]

@@ -46,8 +46,8 @@ from ._commit import collect_garbage, find_garbage, read_manifest
 from ._engine import read_leaves, read_selections
 from ._format import ArrayLayout, parse_codec
 from ._indexing import normalize
-from ._manifest import parse_json, parse_step_dir
-from ._read import OpenStep, fetch, open_step
+from ._manifest import METADATA_MAX_BYTES, parse_json, parse_step_dir
+from ._read import OPEN_ATTEMPTS, OpenStep, check_alive, fetch, open_step
 from ._repr import human
 from ._storage import Storage, open_storage
 from ._sync import run
@@ -219,8 +219,11 @@ def _read_batch(
     return got
 
 
-async def _check_zarr_jsons(opened: OpenStep, layouts: dict[str, ArrayLayout]) -> dict[str, str]:
-    """Each leaf's own ``zarr.json`` (what zarr-python and TensorStore read) against the record."""
+async def _check_zarr_jsons(
+    opened: OpenStep, layouts: dict[str, ArrayLayout], dims: dict[str, Any]
+) -> dict[str, str]:
+    """Each leaf's own ``zarr.json`` (what zarr-python and TensorStore read) against the
+    document the record implies, whole (``dims``: the record's dimension names per leaf)."""
     import asyncio
 
     limit = asyncio.Semaphore(64)
@@ -229,13 +232,13 @@ async def _check_zarr_jsons(opened: OpenStep, layouts: dict[str, ArrayLayout]) -
     async def check(path: str, layout: ArrayLayout) -> None:
         key = f"{opened.info.dir}/{path}/zarr.json"
         where = f"leaf {path!r} ({opened.storage.describe(key)})"
-        async with limit:
-            data = await opened.storage.get(key)
         try:
+            async with limit:
+                data = await opened.storage.get(key, METADATA_MAX_BYTES)
             if data is None:
                 raise CorruptCheckpointError(f"{where}: the array's zarr.json is missing")
             doc = parse_json(data, where, "zarr.json")
-            layout.check_zarr_json(doc, where)
+            layout.check_whole_zarr_json(doc, where, path, dims.get(path))
         except CorruptCheckpointError as exc:
             errors[path] = str(exc)
 
@@ -487,6 +490,8 @@ class _StepCheck:
     chunks: int = 0
     damaged: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # the step itself (its record) is damaged
+    #: a newer commit dropped the step while it was being verified (a race, not damage)
+    dropped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -494,31 +499,64 @@ class _StepCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "ok": self.ok, "leaves": self.leaves, "nbytes": self.nbytes,
-            "chunks": self.chunks, "error": self.error,
+            "step": self.step, "ok": self.ok, "dropped": self.dropped, "leaves": self.leaves,
+            "nbytes": self.nbytes, "chunks": self.chunks, "error": self.error,
             "damaged": [{"path": p, "error": e} for p, e in self.damaged.items()],
         }  # fmt: skip
 
 
 def verify_step(storage: Storage, step: int, progress: Callable[[int], None]) -> _StepCheck:
     """Read every chunk of every leaf of ``step`` (checking each crc32c) and each leaf's
-    ``zarr.json``; damage is collected per leaf, not raised."""
+    ``zarr.json``; damage is collected per leaf, not raised.
+
+    A step that a newer commit drops meanwhile (a save loop's retention) is reported as
+    ``dropped``, never as damaged: every read is confirmed afterwards (``_read.fetch``), and
+    damage is reported only of a step that the newest manifest still lists.
+    """
     check = _StepCheck(step)
     try:
         opened = open_step(storage, step)
     except CorruptCheckpointError as exc:
         check.error = str(exc)
         return check
+    except CheckpointNotFoundError:  # listed when verify began, dropped since
+        check.dropped = True
+        return check
     assert opened is not None
-    layouts = _layouts(_leaf_records(opened))
+    records = _leaf_records(opened)
+    layouts = _layouts(records)
     check.leaves = len(layouts)
     check.nbytes = sum(layout.nbytes for layout in layouts.values())
     check.chunks = sum(_nchunks(layout) for layout in layouts.values())
-    check.damaged.update(run(_check_zarr_jsons(opened, layouts)))
-    for batch in _plan(layouts):
-        _read_batch(opened, layouts, batch, progress, check.damaged)  # reading is the check
+    dims = {rec["path"]: rec.get("dims") for rec in records}
+    try:
+        check.damaged.update(fetch(opened, _check_zarr_jsons(opened, layouts, dims)))
+        for batch in _plan(layouts):
+            _read_batch(opened, layouts, batch, progress, check.damaged)  # reading is the check
+        if check.damaged:
+            check_alive(opened)  # damage of a step deleted meanwhile (object stores) is a race
+    except CheckpointNotFoundError:
+        check.dropped = True
+        check.damaged.clear()
+        return check
     check.damaged = {p: check.damaged[p] for p in layouts if p in check.damaged}
     return check
+
+
+def _verify_latest(storage: Storage, progress: Callable[[int], None]) -> _StepCheck:
+    """Verify the latest step; if a newer commit drops it meanwhile, the newer latest."""
+    for _ in range(OPEN_ATTEMPTS):
+        manifest = run(read_manifest(storage))
+        if manifest is None or not manifest.steps:
+            raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
+        check = verify_step(storage, manifest.steps[-1].step, progress)
+        if not check.dropped:
+            return check
+    raise CheckpointNotFoundError(
+        f"{storage.url}: the latest step was dropped by a newer commit while it was being "
+        f"verified, {OPEN_ATTEMPTS} times in a row; verify a step of a root no longer saved "
+        "into, or a step kept by retention (--step N)"
+    )
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -540,15 +578,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         steps = (manifest.steps[-1],)
     checks = []
     with _bar(args, sum(s.nbytes for s in steps), "verify") as bar:
-        for info in steps:
-            checks.append(verify_step(storage, info.step, bar.update))
+        if not args.all and args.step is None:
+            checks.append(_verify_latest(storage, bar.update))
+        else:
+            for info in steps:
+                checks.append(verify_step(storage, info.step, bar.update))
+                if checks[-1].dropped and not args.all:
+                    raise CheckpointNotFoundError(
+                        f"step {info.step} of {storage.url} was dropped by a newer commit "
+                        "(retention or overwrite) while it was being verified"
+                    )
     ok = all(c.ok for c in checks)
     if args.json:
         _print_json({"url": storage.url, "ok": ok, "steps": [c.to_json() for c in checks]})
         return 0 if ok else 1
     for c in checks:
         head = f"step {c.step}: {_leaves(c.leaves)}, {human(c.nbytes)}, {c.chunks} chunks"
-        if c.error:
+        if c.dropped:
+            print(f"step {c.step}: dropped by a newer commit while being verified (not checked)")
+        elif c.error:
             print(f"step {c.step}: DAMAGED: {c.error}")
         elif c.damaged:
             print(f"{head}: DAMAGED ({len(c.damaged)} of {c.leaves} leaves)")
@@ -557,7 +605,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(f"{head}: ok")
     bad = sum(not c.ok for c in checks)
-    print(f"{'ok' if ok else 'DAMAGED'}: {len(checks) - bad} of {len(checks)} steps intact")
+    dropped = sum(c.dropped for c in checks)
+    checked = len(checks) - dropped
+    gone = f" ({dropped} dropped by newer commits while being verified)" if dropped else ""
+    print(f"{'ok' if ok else 'DAMAGED'}: {checked - bad} of {checked} steps intact{gone}")
     return 0 if ok else 1
 
 

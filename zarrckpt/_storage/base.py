@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from .._manifest import MANIFEST_MAX_BYTES
 from ..errors import CorruptCheckpointError, StoreError, ZarrCkptError
 
 __all__ = ["Storage", "check_key", "is_relative_key"]
@@ -90,9 +91,23 @@ class Storage:
                 f"{op} {self.describe(key)} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def too_large(self, key: str, size: int | None, limit: int) -> CorruptCheckpointError:
+        """The error for a value of ``size`` bytes (None: unknown, more than ``limit``)
+        where at most ``limit`` are read (see :meth:`get`)."""
+        found = f"more than {limit}" if size is None else f"{size}"
+        return CorruptCheckpointError(
+            f"{self.describe(key)} holds {found} bytes, more than the {limit} bytes zarrckpt "
+            "reads there; refusing to read it (damaged, or not written by zarrckpt)"
+        )
+
     # --- data ------------------------------------------------------------------------------
-    async def get(self, key: str) -> bytes | None:
-        """The value of ``key``, or None if it does not exist."""
+    async def get(self, key: str, limit: int | None = None) -> bytes | None:
+        """The value of ``key``, or None if it does not exist.
+
+        With ``limit``, a value of more than ``limit`` bytes is refused
+        (:meth:`too_large`) from its size, before it is read: a checkpoint's files may come
+        from a stranger, and a reader must not spend what a file's size claims.
+        """
         raise NotImplementedError
 
     async def put(self, key: str, parts: Sequence[Any]) -> None:
@@ -108,10 +123,13 @@ class Storage:
         for key, make in items:
             await self.put(key, make())
 
-    async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
-        """Read each key and hand its bytes (None if missing) to the item's consumer."""
+    async def get_batch(
+        self, items: Sequence[tuple[str, Callable[[bytes | None], None]]], limit: int | None = None
+    ) -> None:
+        """Read each key and hand its bytes (None if missing) to the item's consumer; each
+        value is bounded by ``limit`` as in :meth:`get`."""
         for key, consume in items:
-            consume(await self.get(key))
+            consume(await self.get(key, limit))
 
     async def list_dir(self, prefix: str = "") -> list[str]:
         """Names directly under ``prefix``, sorted."""
@@ -129,9 +147,12 @@ class Storage:
         return False
 
     # --- commit support (see zarrckpt._commit) ---------------------------------------------
-    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
-        """The value and a version token for :meth:`put_if_unchanged`."""
-        data = await self.get(key)
+    async def get_with_token(
+        self, key: str, limit: int | None = MANIFEST_MAX_BYTES
+    ) -> tuple[bytes | None, Any]:
+        """The value and a version token for :meth:`put_if_unchanged`; the value is bounded
+        as in :meth:`get`, by default as the manifest (the document read this way) is."""
+        data = await self.get(key, limit)
         return data, data
 
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:

@@ -186,7 +186,8 @@ class LocalStorage(Storage):
 
         ``O_NONBLOCK`` and the regular-file check keep a FIFO or a device planted in a
         checkpoint from hanging or feeding the reader (``O_NOCTTY``: a terminal never
-        becomes the process's controlling one).
+        becomes the process's controlling one). A UNIX socket cannot be opened at all
+        (``ENXIO``, as a device without a driver): the checkpoint's fault too.
         """
         path = self._path(key)
         try:
@@ -194,6 +195,11 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                self._check_inside(os.path.realpath(path), path)
+                raise CorruptCheckpointError(
+                    f"{path} is not a regular file (a socket or a device); refusing to read it"
+                ) from None
             self._open_failed(path, exc)
         try:
             self._confine(fd, path)
@@ -208,15 +214,25 @@ class LocalStorage(Storage):
             raise
         return fd
 
-    def _get(self, key: str) -> bytes | None:
+    def _get(self, key: str, limit: int | None = None) -> bytes | None:
         fd = self._open_read(key)
         if fd is None:
             return None
         with open(fd, "rb", buffering=0) as f:
-            return f.read()
+            if limit is None:
+                return f.read()
+            size = os.fstat(fd).st_size
+            if size > limit:  # refused from its size: nothing is read (a sparse 1 GiB file)
+                raise self.too_large(key, size, limit)
+            data = f.read(size + 1)  # one more than fstat said: a short read is the end
+            if len(data) > size:  # it grew since: read on, never past the limit
+                data += f.read(limit + 1 - len(data))
+                if len(data) > limit:
+                    raise self.too_large(key, None, limit)
+            return data
 
-    async def get(self, key: str) -> bytes | None:
-        return await self._run("reading", key, self._get, key)
+    async def get(self, key: str, limit: int | None = None) -> bytes | None:
+        return await self._run("reading", key, self._get, key, limit)
 
     def read_into(self, key: str, buffers: list[Any]) -> int | None:
         """Fill ``buffers`` in order from the file (``readv``); bytes in the file, or None."""
@@ -235,12 +251,16 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def _get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
+    def _get_batch(
+        self, items: Sequence[tuple[str, Callable[[bytes | None], None]]], limit: int | None
+    ) -> None:
         for key, consume in items:
-            consume(self._get(key))
+            consume(self._get(key, limit))
 
-    async def get_batch(self, items: Sequence[tuple[str, Callable[[bytes | None], None]]]) -> None:
-        await self._run_batch("reading", self._get_batch, items)
+    async def get_batch(
+        self, items: Sequence[tuple[str, Callable[[bytes | None], None]]], limit: int | None = None
+    ) -> None:
+        await self._run_batch("reading", self._get_batch, items, limit)
 
     # --- writes ----------------------------------------------------------------------------
 

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store
 from zarr.buffer import cpu, default_buffer_prototype
 from zarr.storage import FsspecStore
 
+from .._manifest import MANIFEST_MAX_BYTES
 from .base import Storage, check_key
 
 __all__ = ["GCSStorage", "LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
@@ -116,9 +117,19 @@ class StoreStorage(LeaseObjects, Storage):
         self._in_process = "memory" in protocols(store)
         self.conditional_writes = self._in_process
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, limit: int | None = None) -> bytes | None:
+        # Bounded: a ranged read of one byte more than the limit (one request, as a plain
+        # read); only a value found too large costs a second one, for its size (a HEAD:
+        # other stores' ``getsize`` may read the value).
+        byte_range = None if limit is None else RangeByteRequest(0, limit + 1)
         async with self.errors("reading", check_key(self.url, key)):
-            buf = await self.store.get(key, prototype=default_buffer_prototype())
+            buf = await self.store.get(key, default_buffer_prototype(), byte_range)
+            if buf is not None and limit is not None and len(buf) > limit:
+                size = None
+                if isinstance(self.store, FsspecStore):
+                    with contextlib.suppress(Exception):  # for the message only
+                        size = await self.store.getsize(key)
+                raise self.too_large(key, size, limit)
         return None if buf is None else buf.to_bytes()
 
     async def put(self, key: str, parts: Sequence[Any]) -> None:
@@ -166,7 +177,9 @@ class S3Storage(StoreStorage):
         bucket, path, _ = self.store.fs.split_path(f"{self.store.path}/{key}")
         return bucket, path
 
-    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+    async def get_with_token(
+        self, key: str, limit: int | None = MANIFEST_MAX_BYTES
+    ) -> tuple[bytes | None, Any]:
         bucket, path = self._split(key)
         async with self.errors("reading", key):
             try:
@@ -174,7 +187,12 @@ class S3Storage(StoreStorage):
             except FileNotFoundError:
                 return None, None
             async with response["Body"] as body:
-                data = await body.read()
+                size = response.get("ContentLength")
+                if limit is not None and isinstance(size, int) and size > limit:
+                    raise self.too_large(key, size, limit)  # the body is never read
+                data = await (body.read() if limit is None else body.read(limit + 1))
+            if limit is not None and len(data) > limit:
+                raise self.too_large(key, None, limit)
         return data, response["ETag"]
 
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
@@ -214,19 +232,34 @@ class GCSStorage(StoreStorage):
     def _path(self, key: str) -> str:
         return f"{self.store.path}/{key}"
 
-    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+    async def get_with_token(
+        self, key: str, limit: int | None = MANIFEST_MAX_BYTES
+    ) -> tuple[bytes | None, Any]:
         fs = self.store.fs
+        # Bounded by a range of one byte more than the limit (an empty object has no such
+        # range: then, as when the generation is not sent, its size and generation are
+        # asked for and the content read pinned to that generation).
+        bounded = {} if limit is None else {"headers": {"Range": f"bytes=0-{limit}"}}
         async with self.errors("reading", key):
             try:
-                headers, data = await fs._call("GET", fs.url(self._path(key)))
-                generation = headers.get("x-goog-generation")
+                try:
+                    headers, data = await fs._call("GET", fs.url(self._path(key)), **bounded)
+                    generation = headers.get("x-goog-generation")
+                except OSError as exc:
+                    if "416" not in str(exc) and "satisfiable" not in str(exc).lower():
+                        raise
+                    generation = None
                 if generation is None:  # pin the content to the generation it belongs to
                     info = await fs._info(self._path(key))
+                    if limit is not None and int(info["size"]) > limit:
+                        raise self.too_large(key, int(info["size"]), limit)
                     generation = str(info["generation"])
                     url = fs.url(self._path(key), generation=generation)
                     _, data = await fs._call("GET", url)
             except FileNotFoundError:
                 return None, None
+            if limit is not None and len(data) > limit:
+                raise self.too_large(key, None, limit)
         return data, str(generation)
 
     async def put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:

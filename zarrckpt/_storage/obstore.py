@@ -53,6 +53,7 @@ from obstore.exceptions import (
 )
 from obstore.store import AzureStore, GCSStore, S3Store
 
+from .._manifest import MANIFEST_MAX_BYTES
 from ..errors import SingleWriterWarning
 from .base import Storage, check_key
 from .objects import LeaseObjects
@@ -401,15 +402,19 @@ class ObjectStoreStorage(LeaseObjects, Storage):
         self.conditional_writes = True
         self._probe = probe  # probed at the first conditional write, then None
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, limit: int | None = None) -> bytes | None:
         async with self.errors("reading", check_key(self.url, key)):
             try:
-                return (await self._get(key))[0]
+                return (await self._get(key, limit))[0]
             except FileNotFoundError:  # obstore's NotFoundError
                 return None
 
-    async def _get(self, key: str) -> tuple[bytes, dict[str, Any]]:
+    async def _get(self, key: str, limit: int | None = None) -> tuple[bytes, dict[str, Any]]:
         result = await obstore.get_async(self.store, key)
+        if limit is not None and result.meta["size"] > limit:
+            # The size comes with the headers: the body is never collected (dropping the
+            # result closes its stream).
+            raise self.too_large(key, result.meta["size"], limit)
         if result.meta["size"] <= _SMALL_BODY:
             # The body came with the headers: collecting it here saves a second trip through
             # the asyncio <-> Rust bridge (~0.1 ms of CPU, a third of a small read's cost).
@@ -465,10 +470,12 @@ class ObjectStoreStorage(LeaseObjects, Storage):
 
     # --- conditional publication -------------------------------------------------------------
 
-    async def get_with_token(self, key: str) -> tuple[bytes | None, Any]:
+    async def get_with_token(
+        self, key: str, limit: int | None = MANIFEST_MAX_BYTES
+    ) -> tuple[bytes | None, Any]:
         async with self.errors("reading", check_key(self.url, key)):
             try:
-                data, meta = await self._get(key)
+                data, meta = await self._get(key, limit)
             except FileNotFoundError:
                 return None, None
         # the token is an UpdateVersion: S3 and Azure compare the ETag, GCS the generation
