@@ -125,8 +125,7 @@ def test_a_save_running_at_exit_is_finished(tmp_path, how):
     root = tmp_path / "ckpt"
     done = _run_script(root, how)
     assert done.returncode == (1 if how == "raise" else 0), done.stderr
-    assert "zarrckpt: waiting for the background save" in done.stderr
-    assert "to finish..." in done.stderr
+    assert "zarrckpt: waiting for the background save of step 0 to finish...\n" in done.stderr
     assert zarrckpt.list_steps(root) == [0]
     np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], np.arange(100_000.0))
     manifest = json.loads((root / "zarr.json").read_text())
@@ -139,8 +138,8 @@ def test_a_save_failing_at_exit_is_reported(tmp_path):
     root = tmp_path / "ckpt"
     done = _run_script(root, "fail")
     assert done.returncode == 0, done.stderr
-    assert "zarrckpt: the background save" in done.stderr
-    assert "failed: " in done.stderr and "disk on fire" in done.stderr
+    assert f"zarrckpt: the background save of step 0 to {root} failed: " in done.stderr
+    assert "disk on fire" in done.stderr
     assert zarrckpt.list_steps(root) == []
 
 
@@ -176,3 +175,30 @@ def test_a_save_after_a_failed_one_says_it_saved_nothing():
         # the failure has been raised: the next save starts afresh
         manager.save_async(lambda: ran.append(5), step=5, url="file:///runs/a")
     assert ran == [5]
+
+
+def test_save_pytree_after_a_failed_save_saves_nothing_and_says_so(url, monkeypatch):
+    import zarrckpt._write as api
+
+    original = api.write_step
+    calls = []
+
+    async def fails_once(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            raise OSError("disk on fire")
+        await original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "write_step", fails_once)
+    with AsyncManager() as manager:
+        zarrckpt.save_pytree(url, {"w": 1}, async_manager=manager, verbose=False)
+        with pytest.raises(zarrckpt.BackgroundSaveError) as info:
+            zarrckpt.save_pytree(url, {"w": 2}, async_manager=manager, verbose=False)
+        assert str(info.value).startswith("the background save of step 0 to ")
+        assert str(info.value).endswith("; this call saved nothing: call save_pytree again")
+        assert "disk on fire" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)
+        assert zarrckpt.list_steps(url) == []
+        zarrckpt.save_pytree(url, {"w": 3}, async_manager=manager, verbose=False)
+    assert zarrckpt.list_steps(url) == [0]
+    assert zarrckpt.load_pytree(url)["w"] == 3

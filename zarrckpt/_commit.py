@@ -23,30 +23,62 @@ lists it; readers trust nothing else. Saving step ``N`` is, in this order:
    rename, ``fsync`` of the directory); on S3 one PUT with ``If-Match: <etag>`` or
    ``If-None-Match: *`` (Azure alike); on GCS ``ifGenerationMatch`` (``0`` for a new root);
    in memory a compare-and-set under a lock. If another writer published first, this save
-   removes its directory and raises :class:`~zarrckpt.errors.ConcurrentWriteError`: a commit
+   keeps its directory as its spare or deletes it (step 5) and raises :class:`~zarrckpt.errors.ConcurrentWriteError`: a commit
    is never lost silently. Backends that cannot compare-and-set (other fsspec filesystems,
    S3-compatible servers found to ignore the conditions) replace the manifest
    unconditionally: one writer per root, and the first commit to such a root in a process
    says so with a :class:`~zarrckpt.errors.SingleWriterWarning`.
-5. **Release** the lease.
+5. **Release** the lease; a writer that lost the race in 4 first turns its directory into
+   its spare (or deletes it) *under* the lease, so that directory is never lease-less.
 6. **Collect** (best effort, :func:`collect_garbage`): delete the directories this commit
    dropped (``keep``, ``overwrite``) and debris of crashed or interrupted saves; with
-   recycling, one dropped directory becomes the spare instead (renamed, not deleted). A failure
-   here is reported as a :class:`~zarrckpt.errors.CollectionWarning`, not an error: the
-   step is committed, and the next save collects what is left.
+   recycling, one dropped directory this process created becomes its spare instead. A
+   failure here is reported as a :class:`~zarrckpt.errors.CollectionWarning`, not an error:
+   the step is committed, and the next save collects what is left.
 
-Why collection cannot delete another writer's committed step: a directory not listed by
-the manifest is debris only if no writer holds its lease, and leases are checked *before*
-the manifest is read. A writer publishes while holding its lease and releases it only
-afterwards, so a directory whose lease was already gone when checked is either listed in
-the manifest read next, or was never committed (it lost the race, or its writer died).
-The directories this commit itself dropped need no check: a commit only ever adds new
-directories, so nobody can list a dropped one again.
+Safety, for every interleaving of any number of writers, collectors (``zarrckpt gc``, the
+collection of other writers' commits) and readers on one root. Each claim names the tests
+that check it: ``tests/test_protocol_model.py`` explores every interleaving of a model of
+these steps (two writers, one recycling or losing and saving again, a collector, a reader;
+it also finds the damage of the protocol before these rules), ``test_interleavings.py``
+pauses real processes at each race point, ``test_multiwriter.py`` runs writers, ``gc`` and
+a reader against each other (60 s in the slow suite), ``test_links.py`` covers links.
 
-Recycling keeps this safe: a spare is never listed, so it is taken without looking at the
-manifest, and only by the process whose lease it holds; readers that still hold a view
-of the dropped step confirm after each read that its directory exists under its old name
-(it does not, once renamed), so they can never read the rewritten bytes as their step's.
+(a) *Collection never deletes a committed step, nor one being written.* A directory not
+    listed by the manifest is garbage only if no writer holds its lease, and leases are
+    checked *before* the manifest is read. A writer publishes while holding its lease and
+    releases it only afterwards (a loser: after step 5's spare or deletion), so a directory
+    whose lease was already gone when checked is either listed in the manifest read next,
+    or was never committed. A commit only ever lists a *new* name, so a directory found
+    unlisted is never listed again. (``test_interleavings``: collector while a writer
+    creates its directory; every pause point of a dropping and a losing save.)
+(b) *A directory leaves the step namespace by one atomic rename*, and only its renamer
+    acts on it afterwards: a spare is ``.spare-<name>`` (the lease locked *before* the
+    rename), a deletion first renames to ``.trash-<name>.<random>`` and only then unlinks.
+    Two parties that both judge a dropped directory garbage (its dropper wanting a spare,
+    a ``gc``) cannot both act: the second rename fails. ``rmtree`` unlinks through the
+    directory it opened even after a rename, which is why it only ever runs on a
+    ``.trash-`` name that no one else can reach. (Model: "writer+gc, recycled";
+    ``test_interleavings``: a collector about to delete a dropped step its writer recycles,
+    ``rmtree`` under way during the rename, ``gc`` while a writer holds a spare.)
+(c) *A spare is rewritten only by its owner*, and only a directory that process created is
+    ever its spare (never a downloaded step, nor another writer's). Its ``flock`` lease is
+    held from before it became a spare until it is committed again or deleted; when the
+    process dies the kernel drops the lock and the spare is debris.
+(d) *A recycled file is never written through a link*: it is opened ``O_NOFOLLOW``, and one
+    that is not a regular file with a single link (a ``cp -al`` backup shares it) is
+    replaced by a new file. A ``zarr.json`` is left unwritten only if it is provably the
+    file this process wrote there (inode, size, mtime; ``Storage.intact``).
+    (``test_links``: hard-link backups stay valid; planted symbolic links are never
+    written through.)
+(e) *Readers never take other bytes for their step*: they read the manifest, then the
+    step, then confirm that its directory still exists under its name
+    (``Storage.step_exists``); a recycled or deleted directory has been renamed before any
+    of its files change, so a read that confirms saw only the step's own bytes. (Model:
+    "writer+gc+reader"; ``test_reader_races``.)
+(f) *Concurrent publishes*: exactly one of two writers starting from the same manifest
+    commits; the other raises :class:`~zarrckpt.errors.ConcurrentWriteError` having changed
+    nothing that is listed (``test_concurrency``).
 
 A collective save of a multi-process JAX job (``_collective``) is this same protocol run
 by process 0: the other processes write their chunks into the directory process 0 leased
@@ -68,9 +100,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from ._manifest import MANIFEST_KEY, SPARE_PREFIX, Manifest, StepInfo, checksum, parse_step_dir
+from ._manifest import (
+    MANIFEST_KEY,
+    SPARE_PREFIX,
+    TRASH_PREFIX,
+    Manifest,
+    StepInfo,
+    checksum,
+    parse_step_dir,
+)
 from ._storage import Storage
-from .errors import ConcurrentWriteError, SingleWriterWarning
+from .errors import ConcurrentWriteError, SingleWriterWarning, StoreError
 
 __all__ = [
     "collect_garbage",
@@ -137,7 +177,6 @@ async def commit_step(
     info = replace(info, record_crc32c=checksum(record))
     new = base.with_step(info, keep)
     old = await storage.begin_step(info.dir, recycle)
-    leased = True
     try:
         try:
             await write(old)
@@ -145,28 +184,38 @@ async def commit_step(
         except Exception:
             # Best effort, so that a failed save leaves no gigabytes behind; an interrupt
             # (cancellation) skips this: the next save collects the directory.
-            leased = False
             with contextlib.suppress(Exception):
-                await storage.end_step(info.dir)
-                await storage.delete_dir(info.dir)
+                await _discard(storage, info.dir)
             raise
         published = await _not_abandoned(publish(storage, new, token))
-    finally:
-        if leased:
+    except BaseException:
+        with contextlib.suppress(Exception):
             await storage.end_step(info.dir)
+        raise
     if not published:
+        # The spare is made under the lease this writer still holds, so the directory is
+        # never lease-less in between (and is deleted only after a claim: see the storage).
         with contextlib.suppress(Exception):
             if not (recycle and await storage.make_spare(info.dir)):
-                await storage.delete_dir(info.dir)
+                await _discard(storage, info.dir)
         raise ConcurrentWriteError(
             f"{storage.url}: another writer committed while step {info.step} was being saved; "
             "this step was not committed (nothing else changed). Save again to retry."
         )
+    await storage.end_step(info.dir)
     try:
         await collect_garbage(storage, base.dirs - new.dirs, new.dirs, recycle)
     except Exception as exc:
         return new, exc
     return new, None
+
+
+async def _discard(storage: Storage, step_dir: str) -> None:
+    """Give up the lease on an uncommitted ``step_dir`` and delete it."""
+    try:
+        await storage.end_step(step_dir)
+    finally:
+        await storage.delete_dir(step_dir)
 
 
 async def _not_abandoned(coro: Awaitable[Any]) -> Any:
@@ -199,6 +248,9 @@ async def find_garbage(
     names = await storage.list_dir("")
     dead, candidates = [], []
     for name in names:
+        if name.startswith(TRASH_PREFIX):  # claimed for deletion by a collector that died
+            dead.append(name)
+            continue
         spare = name.startswith(SPARE_PREFIX)
         parsed = parse_step_dir(name[len(SPARE_PREFIX) :] if spare else name)
         if name in dropped:
@@ -221,11 +273,25 @@ async def collect_garbage(
     recycle: bool = False,
 ) -> list[str]:
     """Step 6: delete what :func:`find_garbage` finds; returns the deleted names. With
-    ``recycle``, the first dropped directory becomes this process's spare instead."""
-    deleted = []
+    ``recycle``, the first dropped directory becomes this process's spare instead.
+
+    Every name is tried; if some could not be deleted, :class:`StoreError` says which and
+    why (and what was deleted) after the others are done.
+    """
+    deleted, failed = [], []
     for name in await find_garbage(storage, dropped, live):
-        if name in dropped and recycle and await storage.make_spare(name):
+        try:
+            if name in dropped and recycle and await storage.make_spare(name):
+                continue
+            await storage.delete_dir(name)
+        except Exception as exc:
+            failed.append(f"{name} ({exc})")
             continue
-        await storage.delete_dir(name)
         deleted.append(name)
+    if failed:
+        raise StoreError(
+            f"{storage.url}: could not delete {len(failed)} of {len(failed) + len(deleted)} "
+            f"unreferenced directories: {'; '.join(failed)}"
+            + (f" (deleted: {', '.join(deleted)})" if deleted else "")
+        )
     return deleted

@@ -49,6 +49,7 @@ __all__ = [
     "METADATA_MAX_BYTES",
     "SPARE_PREFIX",
     "STEP_RECORD_MAX_BYTES",
+    "TRASH_PREFIX",
     "Manifest",
     "StepInfo",
     "checksum",
@@ -63,6 +64,10 @@ MANIFEST_KEY = "zarr.json"
 #: A local spare (a dropped step kept for recycling, ``_storage.local``) is named
 #: ``SPARE_PREFIX + <its step directory name>``; readers never look at it.
 SPARE_PREFIX = ".spare-"
+#: A directory being deleted is first renamed out of the step namespace to
+#: ``TRASH_PREFIX + <its name> + "." + <random>`` (``_storage.local``): the rename is the
+#: claim that makes its deleter the only process that can ever reach its files.
+TRASH_PREFIX = ".trash-"
 FORMAT_VERSION = 1
 FORMAT_MINOR = 1
 _STEP_DIR = re.compile(r"^(\.tmp-)?step_(\d{10,20})\.([0-9a-f]{12})[0-9a-f]{8,32}$")

@@ -193,7 +193,9 @@ def _save(
             "zarrckpt needs a directory path"
         )
     if async_manager is not None:
-        async_manager.wait_previous_save()  # overwrite/keep must see committed state
+        # overwrite/keep must see committed state; if the previous save failed, this raises
+        # BackgroundSaveError, which says that this call saves nothing either
+        async_manager.wait_before_save()
     chunk_bytes = chunk_bytes or storage.default_chunk_bytes
     snapshot = plan(
         target,
@@ -246,14 +248,17 @@ def _save(
 
             async def recycled(old_record: bytes | None) -> frozenset[str]:
                 """Ready a recycled directory (same names, rewritten in place) for this
-                tree; the metadata keys it already holds with the right bytes."""
+                tree; the metadata keys it already holds with the right bytes (files this
+                process wrote there, still the very same: ``storage.intact``)."""
                 if old_record is None:
                     return frozenset()
                 old = _old_tree(old_record)
                 if old == snapshot.record:  # the loop's usual case: the same tree again
-                    return snapshot.metadata_keys()
-                await storage.trim(info.dir, snapshot.keys())
-                return snapshot.unchanged_metadata(old)
+                    same = snapshot.metadata_keys()
+                else:
+                    await storage.trim(info.dir, snapshot.keys())
+                    same = snapshot.unchanged_metadata(old)
+                return await storage.intact(info.dir, same)
 
             async def write(old_record: bytes | None) -> None:
                 await write_step(
@@ -291,5 +296,5 @@ def _save(
     if async_manager is None:
         task()
     else:
-        async_manager.save_async(task)
+        async_manager.save_async(task, step=number, url=storage.url)
     return location

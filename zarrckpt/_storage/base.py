@@ -173,7 +173,8 @@ class Storage:
         return None
 
     async def make_spare(self, step_dir: str) -> bool:
-        """Keep a dropped (no longer listed) step directory as a spare; False: delete it."""
+        """Keep ``step_dir`` as this process's spare: a dropped (no longer listed) step it
+        created, or the one it holds the lease of and lost the commit with. False: delete it."""
         return False
 
     async def drop_spares(self) -> None:
@@ -181,6 +182,11 @@ class Storage:
 
     async def trim(self, step_dir: str, keep: set[str]) -> None:
         """Delete every file under a recycled ``step_dir`` whose key is not in ``keep``."""
+
+    async def intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
+        """Those of ``keys`` (relative to a recycled ``step_dir``) that are provably the very
+        files this process wrote there, unchanged since: only these may be left unwritten."""
+        return frozenset()
 
     async def step_exists(self, step_dir: str) -> bool:
         """Whether ``step_dir`` still exists under its name (readers confirm after reading)."""

@@ -15,12 +15,25 @@ and deleting thousands of inodes per save costs several times the data itself (o
 without a journal each create after mass deletion searches past recently freed inodes:
 io-floors.md). So the step directory a commit drops becomes this process's *spare*
 (``.spare-<name>``, at most one per root), and the next save renames it into place and
-rewrites its files in place: in the steady state no inode is created or freed. A spare
-holds an ``flock`` lease of its owning process, so only that process ever rewrites it
-(never a ``.spare-`` planted in a downloaded checkpoint); once the process is gone, the
-spare is debris like any other. Readers follow only the manifest, and confirm after
-reading that their step directory still exists under its name, so a recycled step is
-never read silently (:meth:`LocalStorage.step_exists`).
+rewrites its files in place: in the steady state no inode is created or freed. Only a
+directory this process created becomes its spare (never a step of a downloaded checkpoint,
+nor another writer's). A spare holds an ``flock`` lease of its owning process, taken
+*before* the rename that makes it one, so only that process ever rewrites it; once the
+process is gone, the spare is debris like any other. Readers follow only the manifest,
+and confirm after reading that their step directory still exists under its name, so a
+recycled step is never read silently (:meth:`LocalStorage.step_exists`).
+
+**Claims.** Every directory that leaves the step namespace does so by one atomic
+``rename``: to ``.spare-<name>`` (under its lease) or to ``.trash-<name>.<random>``
+before it is deleted. Two processes that both judge a directory garbage (the writer whose
+commit dropped it, a ``zarrckpt gc``) therefore never both act on it: the second rename
+fails, and an ``rmtree`` only ever runs on a ``.trash-`` name that nothing else can reach.
+
+**Files are replaced, never rewritten through a link.** A recycled file is opened with
+``O_NOFOLLOW``; one that is a symbolic link, not a regular file, or has other hard links
+(``cp -al`` backups, ``rsync --link-dest``) is unlinked and created anew, so a write never
+reaches a file outside this step. A ``zarr.json`` left as it is (the same bytes) must be
+provably the very file this process wrote there: same inode, size and modification time.
 
 Reads never leave the root: keys are checked (:func:`~.base.check_key`) and every opened
 file's (and listed directory's) real path is compared with the root's before anything is
@@ -45,7 +58,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .._manifest import SPARE_PREFIX
+from .._manifest import SPARE_PREFIX, TRASH_PREFIX
 from .._sync import batch_executor
 from ..errors import CorruptCheckpointError
 from .base import Storage, check_key
@@ -74,6 +87,47 @@ def _advance(views: list[memoryview], n: int) -> None:
         views.pop(0)
     if views and n:
         views[0] = views[0][n:]
+
+
+def _open_for_writing(path: str) -> int:
+    """An fd to write ``path`` in place, if it is a plain file of its own; else anew.
+
+    ``O_NOFOLLOW`` refuses a symbolic link, ``O_NONBLOCK`` a FIFO without a reader
+    (``ENXIO``, as a socket); whatever is not a regular file with one link (a device, a
+    file shared with a ``cp -al`` backup) is unlinked and replaced by a new file, so a
+    write only ever reaches this step's own bytes.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:  # first file of a directory: create it (and any parents)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+            raise
+        fd = -1
+    if fd >= 0:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+    os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o644)
+
+
+def _rmtree(path: str) -> None:
+    """Delete a claimed tree; what another collector deleted first is no error."""
+
+    def skip_missing(func: Any, name: str, exc: Any) -> None:
+        error = exc if isinstance(exc, BaseException) else exc[1]
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=skip_missing)
+    else:
+        shutil.rmtree(path, onerror=skip_missing)
 
 
 def _write_all(fd: int, parts: Sequence[Any]) -> int:
@@ -110,12 +164,21 @@ def _syncfs(path: Path) -> None:
 
 _PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
 
-#: This process's spare per root (real path): (directory name, fd holding its lease).
-_spares: dict[str, tuple[str, int]] = {}
+#: A file's identity as this process wrote it: (inode, size, modification time in ns).
+_Identity = tuple[int, int, int]
+#: Step directories this process created, per (real root, directory name), with the
+#: identity of each ``zarr.json`` it wrote there (keys relative to the step directory).
+#: Only these may become spares; at most ``_OWN_PER_ROOT`` per root are remembered.
+_own: dict[tuple[str, str], dict[str, _Identity]] = {}
+_OWN_PER_ROOT = 16
+#: This process's spare per root (real path): (directory name, fd holding its lease,
+#: identities of the ``zarr.json`` files it holds).
+_spares: dict[str, tuple[str, int, dict[str, _Identity]]] = {}
 
 
 def _forget_spares_after_fork() -> None:
     _spares.clear()  # the parent's spares stay the parent's (their locks are shared)
+    _own.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -268,19 +331,41 @@ class LocalStorage(Storage):
         # No O_TRUNC: a recycled file is overwritten in place (truncating frees its blocks
         # and the write allocates them again, the largest cost of a recycled save in a
         # profile), and cut only where the new content is shorter (a compressed chunk).
-        path = self._path(key)
-        flags = os.O_WRONLY | os.O_CREAT
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:  # first file of a directory: create it (and any parents)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, flags, 0o644)
+        fd = _open_for_writing(self._path(key))
         try:
             written = _write_all(fd, parts)
-            if os.fstat(fd).st_size > written:
+            st = os.fstat(fd)
+            if st.st_size > written:
                 os.ftruncate(fd, written)
+                st = os.fstat(fd)
+            if key.endswith("zarr.json"):
+                self._remember(key, st)
         finally:
             os.close(fd)
+
+    def _remember(self, key: str, st: os.stat_result) -> None:
+        """Note the identity of a ``zarr.json`` written into one of this process's steps."""
+        step_dir, _, rest = key.partition("/")
+        written = _own.get((self._real(), step_dir))
+        if written is not None and rest:
+            written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
+        written = _own.get((self._real(), step_dir), {})
+        intact = set()
+        for key in keys:
+            try:
+                st = os.lstat(self._path(f"{step_dir}/{key}"))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and written.get(key) == (
+                st.st_ino, st.st_size, st.st_mtime_ns
+            ):  # fmt: skip
+                intact.add(key)
+        return frozenset(intact)
+
+    async def intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
+        return await self._run("recycling", step_dir, self._intact, step_dir, keys)
 
     async def put(self, key: str, parts: Sequence[Any]) -> None:
         await self._run("writing", key, self._put, key, parts)
@@ -335,11 +420,25 @@ class LocalStorage(Storage):
         return await self._run("listing", prefix, self._list_dir, prefix)
 
     def _delete_dir(self, prefix: str) -> None:
+        """Delete a directory of the root: claimed first by a rename to a ``.trash-`` name
+        (see "Claims" above); if another process renamed it first, it is that one's."""
         path = self._path(prefix)
-        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-            os.unlink(path)  # never follow a link out of the root
-        elif os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
+        _own.pop((self._real(), prefix), None)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)  # a link or a file: never followed out of the root
+            return
+        if not os.path.basename(prefix).startswith(TRASH_PREFIX):
+            trash = self._path(f"{TRASH_PREFIX}{os.path.basename(prefix)}.{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, trash)
+            except FileNotFoundError:
+                return  # claimed by another process (a spare, or its deletion)
+            path = trash
+        _rmtree(path)
 
     async def delete_dir(self, prefix: str) -> None:
         await self._run("deleting", prefix, self._delete_dir, prefix)
@@ -397,20 +496,22 @@ class LocalStorage(Storage):
             self._real_root = os.path.realpath(self.root) + os.sep
         return self._real_root
 
-    def _take_spare(self, tmp: str) -> tuple[int, bytes] | None:
-        """Rename this process's spare to ``tmp``: (its lease fd, its old step record)."""
+    def _take_spare(self, tmp: str) -> tuple[int, bytes, dict[str, _Identity]] | None:
+        """Rename this process's spare to ``tmp``: (its lease fd, its old step record, the
+        identities of its ``zarr.json`` files)."""
         found = _spares.pop(self._real(), None)
         if found is None:
             return None
-        name, fd = found
+        name, fd, written = found
         try:
             os.rename(self._path(name), tmp)
-            with open(os.path.join(tmp, "zarr.json"), "rb") as f:
-                return fd, f.read()
+            record_fd = os.open(os.path.join(tmp, "zarr.json"), os.O_RDONLY | os.O_NOFOLLOW)
+            with open(record_fd, "rb") as f:
+                return fd, f.read(), written
         except OSError:  # gone or damaged: start afresh
             os.close(fd)
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._delete_dir(os.path.basename(tmp))
             return None
 
     def _begin_step(self, step_dir: str, recycle: bool) -> bytes | None:
@@ -419,12 +520,12 @@ class LocalStorage(Storage):
         tmp = self._path(f".tmp-{step_dir}")
         spare = self._take_spare(tmp) if recycle and self.recycles else None
         if spare is not None:
-            fd, old_record = spare
+            fd, old_record, written = spare
             self._leases[step_dir] = fd  # the spare's lease file is the step's lease now
         else:
             if not recycle:
                 self._drop_spares()
-            old_record = None
+            old_record, written = None, {}
             os.makedirs(tmp)
             fd = os.open(os.path.join(tmp, _LEASE), os.O_RDWR | os.O_CREAT, 0o644)
             if self._flock(fd, fcntl.LOCK_EX if fcntl else 0):
@@ -432,7 +533,19 @@ class LocalStorage(Storage):
             else:
                 os.close(fd)
         os.rename(tmp, self._path(step_dir))
+        self._adopt(step_dir, written)
         return old_record
+
+    def _adopt(self, step_dir: str, written: dict[str, _Identity]) -> None:
+        """Remember ``step_dir`` as this process's, forgetting vanished and the oldest ones."""
+        real = self._real()
+        for key in [key for key in list(_own) if key[0] == real]:
+            if not os.path.isdir(self._path(key[1])):
+                _own.pop(key, None)
+        mine = [key for key in list(_own) if key[0] == real]
+        for key in mine[: max(0, len(mine) - _OWN_PER_ROOT + 1)]:
+            _own.pop(key, None)  # cannot become a spare now: deleted instead, when dropped
+        _own[(real, step_dir)] = written
 
     async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         return await self._run("writing", step_dir, self._begin_step, step_dir, recycle)
@@ -442,26 +555,38 @@ class LocalStorage(Storage):
         return self.leases and _recycling_enabled()
 
     def _make_spare(self, step_dir: str) -> bool:
-        if not self.recycles or self._real() in _spares:
+        """Turn ``step_dir`` (dropped, or this writer's lost one) into this process's spare.
+
+        Only a directory this process created qualifies. The lease is held *before* the
+        rename (a losing writer keeps the one it holds), so the spare is never without
+        one; a collector that claimed the directory first makes the rename fail.
+        """
+        real = self._real()
+        if not self.recycles or real in _spares or (real, step_dir) not in _own:
             return False
         path = self._path(step_dir)
-        if os.path.islink(path) or not os.path.isdir(path):
-            return False
-        fd = os.open(os.path.join(path, _LEASE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            locked = self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # someone holds it: not a finished step after all
-            locked = False
-        if not locked:
-            os.close(fd)
-            return False
+        fd = self._leases.pop(step_dir, None)
+        if fd is None:
+            try:
+                fd = os.open(
+                    os.path.join(path, _LEASE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
+                )
+            except OSError:  # claimed by a collector (renamed away) meanwhile
+                return False
+            try:
+                locked = self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # someone holds it: not a finished step after all
+                locked = False
+            if not locked:
+                os.close(fd)
+                return False
         name = SPARE_PREFIX + step_dir
         try:
             os.rename(path, self._path(name))
         except OSError:
             os.close(fd)
             return False
-        _spares[self._real()] = (name, fd)
+        _spares[real] = (name, fd, _own.pop((real, step_dir)))
         return True
 
     async def make_spare(self, step_dir: str) -> bool:
@@ -470,9 +595,11 @@ class LocalStorage(Storage):
     def _drop_spares(self) -> None:
         found = _spares.pop(self._real(), None)
         if found is not None:
-            name, fd = found
-            self._delete_dir(name)
-            os.close(fd)
+            name, fd, _ = found
+            try:
+                self._delete_dir(name)
+            finally:
+                os.close(fd)
 
     async def drop_spares(self) -> None:
         await self._run("deleting", "", self._drop_spares)
@@ -486,8 +613,12 @@ class LocalStorage(Storage):
                 if path not in keep:
                     os.unlink(path)
             for name in dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):  # never written through: see "Files are replaced"
+                    os.unlink(path)
+                    continue
                 with contextlib.suppress(OSError):  # not empty: still used
-                    os.rmdir(os.path.join(dirpath, name))
+                    os.rmdir(path)
 
     async def trim(self, step_dir: str, keep: set[str]) -> None:
         await self._run("recycling", step_dir, self._trim, step_dir, keep)
@@ -526,7 +657,9 @@ class LocalStorage(Storage):
             return time.time() - created > 3600
         finally:
             os.close(fd)
-        return True
+        # Unlocked. A ``.tmp-`` directory's writer creates the lease file, then locks it:
+        # in between it looks unlocked, so such a directory gets the same minute's grace.
+        return not step_dir.startswith(".tmp-") or time.time() - created > 60
 
     async def lease_expired(self, step_dir: str, created: float) -> bool:
         return await self._run("listing", step_dir, self._lease_expired, step_dir, created)

@@ -96,7 +96,7 @@ class LeaseObjects:
         await self.delete(f"{step_dir}/{_LEASE}")
 
     async def lease_expired(self, step_dir: str, created: float) -> bool:
-        data = await self.get(f"{step_dir}/{_LEASE}")  # type: ignore[attr-defined]
+        data = await self.get(f"{step_dir}/{_LEASE}", limit=4096)  # type: ignore[attr-defined]
         if data is None:
             return True  # finished: its writer committed or gave up
         try:
