@@ -480,6 +480,29 @@ def test_gc_deletes(root, capsys):
     assert out.splitlines() == [f"{root}: deleted 0 items"]
 
 
+def test_gc_that_cannot_delete_says_so(root, capsys, monkeypatch):
+    """A read-only mount: nothing is deleted, gc fails naming each directory and why
+    (it used to print "deleted 1 item" and exit 0)."""
+    import errno
+
+    debris = _make_debris(root)
+
+    def read_only(src, dst, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", src)
+
+    monkeypatch.setattr(os, "rename", read_only)
+    status, out, err = zc(capsys, "gc", root)
+    monkeypatch.undo()
+    assert status != 0 and "deleted" not in out
+    for name in debris:
+        assert os.path.exists(f"{root}/{name}")
+        if os.path.isdir(f"{root}/{name}"):
+            assert name in err
+    assert "Read-only file system" in err and "could not delete" in err
+    assert zc(capsys, "gc", root)[0] == 0  # writable again: collected
+    assert not any(os.path.exists(f"{root}/{name}") for name in debris)
+
+
 def test_gc_spares_a_live_writers_step(root, capsys):
     """An unlisted step whose writer still holds its lease (flock) is not debris."""
     import fcntl
