@@ -234,16 +234,20 @@ def test_verify_names_every_damaged_leaf(root, capsys):
     status, out, _ = zc(capsys, "verify", root, "--all")
     assert status == 1
     lines = out.splitlines()
-    assert lines[0] == "step 0: 6 leaves, 8.2 KiB, 6 chunks: ok"
-    assert lines[1] == "step 1: 6 leaves, 8.2 KiB, 6 chunks: DAMAGED (3 of 6 leaves)"
+    # Step 1 saved net/l2/spike's layout unchanged, so its zarr.json is a hard link to step
+    # 0's (incremental saves): edited in place, it is damage in both steps, and named so.
+    assert lines[0] == "step 0: 6 leaves, 8.2 KiB, 6 chunks: DAMAGED (1 of 6 leaves)"
+    assert lines[1].startswith("  net/l2/spike: ") and "zarr.json says shape (33,)" in lines[1]
+    lines = lines[2:]
+    assert lines[0] == "step 1: 6 leaves, 8.2 KiB, 6 chunks: DAMAGED (3 of 6 leaves)"
     assert (
-        lines[2].startswith("  net/l1/W: leaf 'net/l1/W'")
-        and "crc32c checksum mismatch" in lines[2]
+        lines[1].startswith("  net/l1/W: leaf 'net/l1/W'")
+        and "crc32c checksum mismatch" in lines[1]
     )
-    assert lines[3].startswith("  net/l2/V: ") and "c.0 is missing" in lines[3]
-    assert lines[4].startswith("  net/l2/spike: ") and "zarr.json says shape (33,)" in lines[4]
-    assert lines[5] == "step 2: 6 leaves, 8.3 KiB, 6 chunks: ok"  # kept going
-    assert lines[6] == "DAMAGED: 2 of 3 steps intact"
+    assert lines[2].startswith("  net/l2/V: ") and "c.0 is missing" in lines[2]
+    assert lines[3].startswith("  net/l2/spike: ") and "zarr.json says shape (33,)" in lines[3]
+    assert lines[4] == "step 2: 6 leaves, 8.3 KiB, 6 chunks: ok"  # kept going
+    assert lines[5] == "DAMAGED: 1 of 3 steps intact"
     status, doc = zc_json(capsys, "verify", root, "--step", "1")
     assert status == 1 and not doc["ok"]
     assert [d["path"] for d in doc["steps"][0]["damaged"]] == [

@@ -208,11 +208,15 @@ async def write_step(
     max_requests: int = MAX_REQUESTS_IN_FLIGHT,
     unchanged: frozenset[str] = frozenset(),
     primary: bool = True,
+    linked: dict[str, str] | None = None,
 ) -> None:
     """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last.
 
     ``unchanged``: metadata keys (relative to ``step_dir``) already there with the very bytes
-    this would write (a recycled directory): they are skipped. In a collective save, the
+    this would write (a recycled directory): they are skipped. ``linked``: keys (relative
+    to ``step_dir``) whose bytes are in a file of the previous step (key relative to the
+    root, ``_reuse``): linked or copied server-side, written only where that fails. In a
+    collective save, the
     ``primary`` process writes the metadata and the leaves that are not sharded over
     processes, the others only the chunks of their :class:`Shards`; the record is written
     apart, once all are done (``record=None``).
@@ -221,6 +225,10 @@ async def write_step(
 
     def prefixed(path: str) -> str:
         return f"{step_dir}/{path}" if path else step_dir
+
+    if linked:
+        failed = await storage.link_many([(src, prefixed(dst)) for dst, src in linked.items()])
+        unchanged = unchanged | {dst for dst in linked if prefixed(dst) not in failed}
 
     def put_json(key: str, data: bytes) -> Callable[[], Any]:
         return lambda: storage.put(key, [data])
@@ -258,7 +266,9 @@ async def write_step(
     ) -> Callable[[], list[Any]]:
         return lambda: layout.encode_at(array, idx)
 
-    def chunks(leaf: LeafData) -> Iterator[tuple[str, ArrayLayout, np.ndarray, tuple[int, ...]]]:
+    def chunks(
+        leaf: LeafData, report: bool = True
+    ) -> Iterator[tuple[str, ArrayLayout, np.ndarray, tuple[int, ...]]]:
         """``(key, layout, array, index)`` of each chunk this process writes of ``leaf``."""
         if not primary and not isinstance(leaf.array, Shards):
             return
@@ -267,7 +277,12 @@ async def write_step(
                 continue
             for idx in layout.chunk_ids():
                 at = tuple(o + i for o, i in zip(origin, idx, strict=True))
-                yield f"{prefixed(leaf.path)}/{layout.chunk_key(at)}", layout, array, idx
+                key = f"{leaf.path}/{layout.chunk_key(at)}"
+                if key in unchanged:
+                    if report:
+                        progress(min(layout.chunk_nbytes, layout.nbytes))
+                    continue
+                yield prefixed(key), layout, array, idx
 
     batcher = _Batcher(storage.batches_small_io, batch_job)
 
@@ -289,7 +304,12 @@ async def write_step(
             skip_meta = not primary or f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:
                 items = [] if skip_meta else [(meta_key, lambda meta=meta: [meta])]
-                items += [(key, encoder(lay, array, idx)) for key, lay, array, idx in chunks(leaf)]
+                items += [
+                    (key, encoder(lay, array, idx))
+                    for key, lay, array, idx in chunks(leaf, report=False)
+                ]
+                if not items:
+                    progress(leaf.nbytes)
                 for n, item in enumerate(items):
                     job = batcher.add(item, leaf.nbytes if n == 0 else 0)
                     if job:

@@ -32,6 +32,7 @@ from ._format import ArrayLayout, parse_codec, shown
 from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarning
 
 __all__ = [
+    "HASH_FIELD",
     "check_dims",
     "check_record",
     "compare",
@@ -39,6 +40,7 @@ __all__ = [
     "describe",
     "encode",
     "global_target",
+    "immutable_array",
     "is_leaf",
     "restore",
     "state_subtree",
@@ -180,6 +182,22 @@ def _sharding_field(value: Any) -> dict[str, Any]:
         return {}
     described = _sharding.describe(value.sharding, tuple(value.shape))
     return {"sharding": described} if described else {}
+
+
+def immutable_array(value: Any) -> Any | None:
+    """The ``jax.Array`` holding ``value``'s data (itself, or inside a BrainPy Variable, a
+    brainstate State or a Quantity), or None: the same such object means the same bytes."""
+    jax_array = _module_attr("jax", "Array")
+    for _ in range(3):
+        if _is(value, jax_array):
+            return value
+        if _is(value, _quantity_type()):
+            value = value.mantissa
+        elif _is(value, _brainpy_array_type()) or _is(value, _module_attr("brainstate", "State")):
+            value = value.value
+        else:
+            return None
+    return None
 
 
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -459,6 +477,10 @@ def check_dims(names: Any, ndim: int) -> str | None:
     if len(set(names)) != len(names):
         return f"an array's dimension names must differ, got {shown(names)}"
     return None
+
+
+#: the leaf record's field listing its chunks' content hashes (``_reuse``; readers ignore it)
+HASH_FIELD = "xxh3"
 
 
 def check_record(rec: dict[str, Any]) -> str | None:

@@ -13,14 +13,14 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import _collective, _leaves, _tree
+from . import _collective, _leaves, _reuse, _tree
 from ._commit import commit_step, read_manifest_versioned
 from ._engine import LeafData, write_step
 from ._format import ArrayLayout
-from ._manifest import Manifest, StepInfo, new_step_dir, step_record_bytes
+from ._manifest import Manifest, StepInfo, checksum, new_step_dir, step_record_bytes
 from ._progress import progress_bar
 from ._repr import human
 from ._sharding import Shards
@@ -41,6 +41,41 @@ class Plan:
     record: dict[str, Any]
     leaves: list[LeafData]
     groups: list[str]
+    #: leaf path -> the immutable ``jax.Array`` its data came from (``_reuse``)
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def hash_chunks(self) -> dict[str, list[str]]:
+        """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
+        or known from an earlier save of the same ``jax.Array``. Sharded leaves have none."""
+        records = {rec["path"]: rec for rec in _tree.iter_leaf_records(self.record)}
+        hashes = {}
+        for leaf in self.leaves:
+            if isinstance(leaf.array, Shards):
+                continue
+            source = self.sources.get(leaf.path)
+            found = None if source is None else _reuse.known_hashes(source, leaf.layout)
+            if found is None:
+                found = _reuse.chunk_hashes(leaf.layout, leaf.array)
+            hashes[leaf.path] = records[leaf.path][_leaves.HASH_FIELD] = found
+        return hashes
+
+    def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> dict[str, str]:
+        """Keys of this step (relative to its directory) whose bytes ``previous`` holds,
+        each with the key (relative to the root) of its file there."""
+        linked = {}
+        for leaf in self.leaves:
+            if leaf.path not in hashes:
+                continue
+            positions = previous.linkable(leaf.path, leaf.layout, leaf.dims, hashes[leaf.path])
+            ids = None
+            for i in positions:
+                if i < 0:
+                    key = f"{leaf.path}/zarr.json"
+                else:
+                    ids = ids if ids is not None else list(leaf.layout.chunk_ids())
+                    key = f"{leaf.path}/{leaf.layout.chunk_key(ids[i])}"
+                linked[key] = f"{previous.dir}/{key}"
+        return linked
 
     @property
     def nbytes(self) -> int:
@@ -96,8 +131,11 @@ def plan(
             f"dims names {unknown}, which are not leaves of the tree; its leaves are "
             f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
         )
-    leaves = []
+    leaves, sources = [], {}
     for path, value in flat:
+        source = _leaves.immutable_array(value)
+        if source is not None:
+            sources[path] = source
         array, kind = _leaves.encode(path, value, copy=copy)
         if isinstance(array, Shards) and not collective:
             raise UnsupportedLeafError(
@@ -110,7 +148,7 @@ def plan(
         if dims and path in dims:
             by_path[path]["dims"] = _dimension_names(path, dims[path], len(layout.shape))
         leaves.append(LeafData(path, array, layout, {}, by_path[path].get("dims")))
-    return Plan(record, leaves, groups)
+    return Plan(record, leaves, groups, sources)
 
 
 def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
@@ -120,6 +158,16 @@ def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
     if problem:
         raise ValueError(f"dims[{path!r}]: {problem}")
     return names
+
+
+def _tree_shape(tree: Any) -> Any:
+    """A tree record without its chunk hashes: what decides the files and metadata of a
+    step (two saves of the same tree with other values have the same shape)."""
+    if isinstance(tree, dict):
+        return {k: _tree_shape(v) for k, v in tree.items() if k != _leaves.HASH_FIELD}
+    if isinstance(tree, list):
+        return [_tree_shape(v) for v in tree]
+    return tree
 
 
 def _old_tree(record: bytes) -> Any:
@@ -184,6 +232,7 @@ def _save(
     codec: str | None,
     recycle: bool = True,
     dims: dict[str, Sequence[str]] | None = None,
+    incremental: bool = True,
 ) -> str:
     keep = _resolve_keep(keep, overwrite)
     storage = open_storage(filename, storage_options)
@@ -237,13 +286,19 @@ def _save(
         base, token, info = collective.decide(call, decide)  # type: ignore[assignment]
         verbose = verbose and collective.leader
     number = info.step
-    record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
     location = storage.describe(info.dir)
+    # Collective saves write every chunk: each process would have to hash its own shards.
+    incremental = incremental and collective is None
 
     def task() -> None:
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
         total = sum(leaf.nbytes for leaf in snapshot.leaves)
+        shape = _tree_shape(snapshot.record)  # before the hashes go in
+        hashes = snapshot.hash_chunks() if incremental else {}
+        record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
+        previous = run(_reuse.Previous.read(storage, base.latest)) if hashes else None
+        linked = snapshot.linkable(previous, hashes) if previous is not None else {}
         with progress_bar(total, f"save step {number}", show_bar) as progress:
 
             async def recycled(old_record: bytes | None) -> frozenset[str]:
@@ -253,7 +308,7 @@ def _save(
                 if old_record is None:
                     return frozenset()
                 old = _old_tree(old_record)
-                if old == snapshot.record:  # the loop's usual case: the same tree again
+                if _tree_shape(old) == shape:  # the loop's usual case: the same tree again
                     same = snapshot.metadata_keys()
                 else:
                     await storage.trim(info.dir, snapshot.keys())
@@ -263,7 +318,7 @@ def _save(
             async def write(old_record: bytes | None) -> None:
                 await write_step(
                     storage, info.dir, snapshot.leaves, snapshot.groups, record, progress,
-                    unchanged=await recycled(old_record),
+                    unchanged=await recycled(old_record), linked=linked,
                 )  # fmt: skip
 
             async def write_part(primary: bool, unchanged: frozenset[str]) -> None:
@@ -280,6 +335,16 @@ def _save(
                 collect_error = collective.commit(
                     storage, base, token, info, keep, record, recycled, write_part, recycle
                 )
+        if hashes:  # what the next save compares with, without reading it back
+            held = {
+                leaf.path: (leaf.layout, leaf.dims, hashes[leaf.path])
+                for leaf in snapshot.leaves
+                if leaf.path in hashes
+            }
+            _reuse.committed(storage, replace(info, record_crc32c=checksum(record)), held)
+            for path, source in snapshot.sources.items():
+                if path in held:
+                    _reuse.remember(source, held[path][0], held[path][2])
         if collect_error is not None:
             warnings.warn(
                 f"{storage.url}: step {number} is committed, but deleting old steps failed "

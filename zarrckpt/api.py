@@ -35,6 +35,7 @@ def save_pytree(
     codec: str | None = None,
     recycle: bool = True,
     dims: dict[str, Sequence[str]] | None = None,
+    incremental: bool = True,
 ) -> str:
     """Save ``target`` as a new step of the checkpoint at ``filename``.
 
@@ -69,6 +70,12 @@ def save_pytree(
             (default ``<leaf path>_<axis>``, unique in the step). Leaves that share a name
             must agree on its size wherever xarray meets them (in one group, or a group and
             its ancestors).
+        incremental: chunks whose bytes the latest committed step already holds (same
+            layout, same xxh3-128 content hash, recorded per chunk; the same ``jax.Array``
+            object needs no hashing) are hard-linked from it on local disks and copied
+            server-side on object stores, instead of written. Every step stays a complete
+            Zarr group: deleting one never breaks another. ``False`` writes every byte.
+            (Collective multi-process saves always write every byte.)
 
     Returns:
         The location of the step's Zarr group.
@@ -76,7 +83,7 @@ def save_pytree(
     return _write.save(
         filename, target, overwrite=overwrite, async_manager=async_manager, verbose=verbose,
         step=step, keep=keep, storage_options=storage_options, chunk_bytes=chunk_bytes,
-        codec=codec, recycle=recycle, dims=dims,
+        codec=codec, recycle=recycle, dims=dims, incremental=incremental,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ that would leave the root (:func:`check_key`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -17,7 +18,26 @@ from typing import Any
 from .._manifest import MANIFEST_MAX_BYTES
 from ..errors import CorruptCheckpointError, StoreError, ZarrCkptError
 
-__all__ = ["Storage", "check_key", "is_relative_key"]
+__all__ = ["Storage", "check_key", "copy_each", "is_relative_key"]
+
+
+async def copy_each(
+    pairs: Sequence[tuple[str, str]], copy: Callable[[str, str], Any], in_flight: int = 32
+) -> set[str]:
+    """Run ``await copy(src, dst)`` for each pair, ``in_flight`` at a time; the ``dst`` keys
+    whose copy failed (for :meth:`Storage.link_many`: the caller writes those)."""
+    gate = asyncio.Semaphore(in_flight)
+    failed: set[str] = set()
+
+    async def one(src: str, dst: str) -> None:
+        async with gate:
+            try:
+                await copy(src, dst)
+            except Exception:  # a missing source, a store without copies: written instead
+                failed.add(dst)
+
+    await asyncio.gather(*(one(src, dst) for src, dst in pairs))
+    return failed
 
 
 def is_relative_key(key: str) -> bool:
@@ -130,6 +150,13 @@ class Storage:
         value is bounded by ``limit`` as in :meth:`get`."""
         for key, consume in items:
             consume(await self.get(key, limit))
+
+    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+        """Make each ``dst`` of ``(src, dst)`` hold the bytes of ``src`` (a file of a
+        committed step) without sending them: a hard link locally, a server-side copy on
+        object stores. Returns the ``dst`` keys that could not be done so (the caller
+        writes those); a backend without such an operation returns them all."""
+        return {dst for _, dst in pairs}
 
     async def list_dir(self, prefix: str = "") -> list[str]:
         """Names directly under ``prefix``, sorted."""

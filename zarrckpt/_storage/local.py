@@ -377,6 +377,56 @@ class LocalStorage(Storage):
     async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
         await self._run_batch("writing", self._put_batch, items)
 
+    def _link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+        failed = set()
+        own: dict[str, bool] = {}  # a step of this process: no link was planted there
+        inside: dict[str, bool] = {}  # else each source directory is checked
+        for src, dst in pairs:
+            step, where = src.partition("/")[0], os.path.dirname(src)
+            if step not in own:
+                own[step] = (self._real(), step) in _own
+            if not own[step] and where not in inside:
+                inside[where] = self._inside_real(src)
+            if not ((own[step] or inside[where]) and self._link(src, dst)):
+                failed.add(dst)
+        return failed
+
+    def _inside_real(self, key: str) -> bool:
+        """Whether the directory of ``key`` really lies in the root (no linked components)."""
+        real = os.path.realpath(os.path.dirname(self._path(key)))
+        return os.path.join(real, "").startswith(self._real())
+
+    def _link(self, src: str, dst: str) -> bool:
+        """Hard-link the regular file ``src`` as ``dst`` (replacing what is there)."""
+        source, target = self._path(src), self._path(dst)
+        try:
+            st = os.lstat(source)
+        except OSError:
+            return False  # gone (another writer's commit dropped that step): write it
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        for _ in range(2):
+            try:
+                os.link(source, target, follow_symlinks=False)
+                return True
+            except FileExistsError:
+                there = os.lstat(target)
+                if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+                    return True  # a recycled spare already shares it
+                os.unlink(target)
+            except FileNotFoundError:
+                if not os.path.exists(source):
+                    return False
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError:  # EXDEV, EMLINK, a file system without hard links: write it
+                return False
+        return False
+
+    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+        if not pairs:
+            return set()
+        return await self._run_batch("linking", self._link_many, pairs)
+
     def _put_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
         parent = os.path.dirname(path)

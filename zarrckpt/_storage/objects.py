@@ -32,7 +32,7 @@ from zarr.buffer import cpu, default_buffer_prototype
 from zarr.storage import FsspecStore
 
 from .._manifest import MANIFEST_MAX_BYTES
-from .base import Storage, check_key
+from .base import Storage, check_key, copy_each
 
 __all__ = ["GCSStorage", "LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
 
@@ -140,6 +140,28 @@ class StoreStorage(LeaseObjects, Storage):
     async def put_atomic(self, key: str, data: bytes) -> None:
         # A single PUT of one object is atomic on object stores and in memory.
         await self.put(key, [data])
+
+    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+        """Server-side copies through fsspec (s3fs: CopyObject, gcsfs: rewrite); in memory,
+        the same bytes under a new key."""
+        if self._in_process:
+
+            async def copy(src: str, dst: str) -> None:
+                buf = await self.store.get(check_key(self.url, src), default_buffer_prototype())
+                if buf is None:
+                    raise FileNotFoundError(src)
+                await self.store.set(check_key(self.url, dst), buf)
+
+        elif isinstance(self.store, FsspecStore) and hasattr(self.store.fs, "_cp_file"):
+            fs, root = self.store.fs, self.store.path.rstrip("/")
+
+            async def copy(src: str, dst: str) -> None:
+                src, dst = check_key(self.url, src), check_key(self.url, dst)
+                await fs._cp_file(f"{root}/{src}", f"{root}/{dst}")
+
+        else:
+            return {dst for _, dst in pairs}
+        return await copy_each(pairs, copy)
 
     async def delete(self, key: str) -> None:
         async with self.errors("deleting", check_key(self.url, key)):

@@ -1,0 +1,223 @@
+"""Incremental saves (``_reuse``): unchanged chunks are linked or copied, never rewritten,
+and every step stays a complete Zarr group that plain readers open alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import zarrckpt
+from zarrckpt import _reuse, cli
+from zarrckpt._storage import local as local_storage
+
+
+def _state(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "W": rng.standard_normal((512, 256)).astype(np.float32),  # 512 KiB
+        "small": {f"s{i}": np.arange(64, dtype=np.int32) * i for i in range(20)},
+        "V": np.zeros(300, np.float32),
+    }
+
+
+def _steps(root: str) -> dict[int, Path]:
+    doc = json.loads(Path(root, "zarr.json").read_text())
+    return {s["step"]: Path(root, s["dir"]) for s in doc["attributes"]["zarrckpt"]["steps"]}
+
+
+def _count_writes(monkeypatch) -> dict[str, int]:
+    """Bytes and files written through local storage (every write goes through _write_all)."""
+    count = {"bytes": 0, "files": 0}
+    write_all = local_storage._write_all
+
+    def counting(fd, parts):
+        n = write_all(fd, parts)
+        count["bytes"] += n
+        count["files"] += 1
+        return n
+
+    monkeypatch.setattr(local_storage, "_write_all", counting)
+    return count
+
+
+def test_unchanged_chunks_are_hard_links_and_each_step_stands_alone(tmp_path, monkeypatch):
+    root = str(tmp_path / "run")
+    state = _state()
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    state["V"] = state["V"] + 1
+    written = _count_writes(monkeypatch)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    monkeypatch.undo()
+    first, second = _steps(root)[0], _steps(root)[1]
+    same = os.stat(first / "W/c.0.0"), os.stat(second / "W/c.0.0")
+    assert same[0].st_ino == same[1].st_ino and same[1].st_nlink == 2
+    assert os.stat(first / "V/c.0").st_ino != os.stat(second / "V/c.0").st_ino
+    # written: V's chunk, the group/leaf documents that are not linked, and the record
+    assert written["bytes"] < state["V"].nbytes + 64 * 1024, written
+    record = json.loads((second / "zarr.json").read_text())["attributes"]["zarrckpt"]["tree"]
+    assert '"xxh3"' in json.dumps(record)
+    # plain zarr-python reads each step on its own; deleting the older one breaks nothing
+    assert np.array_equal(zarr.open_array(str(second / "W"), mode="r")[...], state["W"])
+    zarrckpt.save_pytree(root, state, keep=1, verbose=False)  # drops steps 0 and 1
+    assert sorted(_steps(root)) == [2]
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], state["W"]) and np.array_equal(out["V"], state["V"])
+    assert cli.main(["verify", root, "--all"]) == 0
+
+
+def test_a_save_loop_writes_what_changed(tmp_path, monkeypatch):
+    """The tutorial's loop (defaults: keep=1, recycling): after the first saves only the
+    changed leaf and the documents that must change are written."""
+    root = str(tmp_path / "run")
+    state = _state()
+    for _epoch in range(3):
+        state["V"] = state["V"] + 1
+        zarrckpt.save_pytree(root, state, verbose=False)
+    written = _count_writes(monkeypatch)
+    for _epoch in range(3):
+        state["V"] = state["V"] + 1
+        zarrckpt.save_pytree(root, state, verbose=False)
+    monkeypatch.undo()
+    assert written["bytes"] < 3 * (state["V"].nbytes + 64 * 1024), written
+    out = zarrckpt.load_pytree(root)
+    assert all(np.array_equal(out[k], state[k]) for k in ("W", "V"))
+    assert all(np.array_equal(out["small"][k], v) for k, v in state["small"].items())
+    (step_dir,) = _steps(root).values()
+    assert os.stat(step_dir / "W/c.0.0").st_nlink == 2  # shared with the recycled spare
+
+
+def test_every_leaf_changing_writes_everything(tmp_path, monkeypatch):
+    root = str(tmp_path / "run")
+    zarrckpt.save_pytree(root, _state(0), verbose=False)
+    written = _count_writes(monkeypatch)
+    zarrckpt.save_pytree(root, _state(1), verbose=False)
+    monkeypatch.undo()
+    state = _state(1)
+    assert written["bytes"] >= state["W"].nbytes + state["V"].nbytes
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], state["W"])
+
+
+def test_a_changed_layout_or_incremental_false_writes_the_bytes(tmp_path, monkeypatch):
+    root = str(tmp_path / "run")
+    state = _state()
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False, chunk_bytes=64 * 1024)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False, incremental=False)
+    steps = _steps(root)
+    assert os.stat(steps[1] / "W/c.0.0").st_nlink == 1  # other chunks: nothing shared
+    assert all(os.stat(p).st_nlink == 1 for p in steps[2].rglob("c.*"))
+    record = json.loads((steps[2] / "zarr.json").read_text())
+    assert '"xxh3"' not in json.dumps(record)
+    assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
+
+
+def test_an_array_changed_in_place_is_seen(tmp_path):
+    """NumPy arrays are compared by content, never by identity."""
+    root = str(tmp_path / "run")
+    state = _state()
+    zarrckpt.save_pytree(root, state, verbose=False)
+    state["W"][3, 4] += 1.0  # the same object, one element changed
+    zarrckpt.save_pytree(root, state, verbose=False)
+    assert np.array_equal(zarrckpt.load_pytree(root)["W"], state["W"])
+
+
+def test_the_same_jax_array_is_not_hashed_again(tmp_path, monkeypatch):
+    jnp = pytest.importorskip("jax.numpy")
+    root = str(tmp_path / "run")
+    state = {"W": jnp.arange(100_000, dtype=jnp.float32), "V": jnp.zeros(10)}
+    zarrckpt.save_pytree(root, state, verbose=False)
+    hashed = []
+    chunk_hashes = _reuse.chunk_hashes
+    monkeypatch.setattr(
+        _reuse, "chunk_hashes", lambda layout, a: hashed.append(a.shape) or chunk_hashes(layout, a)
+    )
+    state["V"] = state["V"] + 1  # a new object; W is the very same
+    zarrckpt.save_pytree(root, state, verbose=False)
+    assert hashed == [(10,)]
+    (step_dir,) = _steps(root).values()
+    assert os.stat(step_dir / "W/c.0").st_nlink == 2
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], np.asarray(state["W"]))
+    assert np.array_equal(out["V"], np.asarray(state["V"]))
+
+
+def test_a_link_in_a_strangers_previous_step_is_never_followed(tmp_path, monkeypatch):
+    """A previous step this process did not write, whose leaf directory is a symbolic link
+    out of the root: its files are not linked into the new step (the bytes are written)."""
+    root = str(tmp_path / "run")
+    state = _state()
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    first = _steps(root)[0]
+    outside = tmp_path / "outside"
+    os.rename(first / "W", outside)
+    os.symlink(outside, first / "W")
+    monkeypatch.setattr(local_storage, "_own", {})  # as if another process had written it
+    monkeypatch.setattr(_reuse, "_records", {})
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    second = _steps(root)[1]
+    assert not (second / "W").is_symlink()
+    assert os.stat(second / "W/c.0.0").st_ino != os.stat(outside / "c.0.0").st_ino
+    assert os.stat(second / "V/c.0").st_nlink == 2  # the rest of that step was fine
+    assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
+
+
+def test_a_previous_step_gone_meanwhile_means_writing(tmp_path, monkeypatch):
+    """A source that vanished (another writer's commit dropped that step) is written."""
+    root = str(tmp_path / "run")
+    state = _state()
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    link_many = local_storage.LocalStorage.link_many
+
+    async def vanish_then_link(self, pairs):
+        (_steps(root)[0] / "W" / "c.0.0").unlink()
+        return await link_many(self, pairs)
+
+    monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3", "s3-obstore"])
+def test_object_stores_copy_server_side(backend, request, monkeypatch):
+    if backend == "memory":
+        url, options = f"memory://{os.urandom(8).hex()}/run", None
+    else:
+        url, options = request.getfixturevalue(f"{backend.replace('-', '_')}_root")
+    state = _state()
+    zarrckpt.save_pytree(url, state, storage_options=options, verbose=False)
+    uploaded = {"bytes": 0}
+    copied = []
+    from zarrckpt._storage import objects
+
+    classes = [objects.StoreStorage]
+    if backend == "s3-obstore":
+        from zarrckpt._storage import obstore as obstore_storage
+
+        classes = [obstore_storage.ObjectStoreStorage]
+    for cls in classes:
+        put, link_many = cls.put, cls.link_many
+
+        async def counting_put(self, key, parts, put=put):
+            uploaded["bytes"] += sum(memoryview(p).nbytes for p in parts)
+            await put(self, key, parts)
+
+        async def counting_links(self, pairs, link_many=link_many):
+            failed = await link_many(self, pairs)
+            copied.extend(dst for _, dst in pairs if dst not in failed)
+            return failed
+
+        monkeypatch.setattr(cls, "put", counting_put)
+        monkeypatch.setattr(cls, "link_many", counting_links)
+    state["V"] = state["V"] + 1
+    zarrckpt.save_pytree(url, state, storage_options=options, verbose=False)
+    monkeypatch.undo()
+    assert any(k.endswith("W/c.0.0") for k in copied)
+    assert uploaded["bytes"] < state["V"].nbytes + 64 * 1024, uploaded
+    out = zarrckpt.load_pytree(url, storage_options=options)
+    assert np.array_equal(out["W"], state["W"]) and np.array_equal(out["V"], state["V"])

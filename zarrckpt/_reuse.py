@@ -1,0 +1,138 @@
+"""Incremental saves: which files of a new step are already in the previous one.
+
+A save records a content hash of every chunk (xxh3-128 of the chunk's little-endian
+C-order bytes, edge chunks zero-padded: what the codec encodes) in the step record, as
+the leaf's ``xxh3`` list, in chunk order. The next save into the same root compares its
+own hashes with those of the latest committed step: a chunk whose hash *and* whole layout
+(shape, dtype, chunk grid, codec; dimension names for the ``zarr.json``) match is not
+encoded nor written again, but hard-linked (local disks) or copied server-side (object
+stores) from that step. Every step stays self-contained: deleting any step never breaks
+another, and plain Zarr readers read any step alone. crc32c stays the integrity check; it
+never decides equality.
+
+A ``jax.Array`` is immutable, so the same object hashed by an earlier save of this process
+keeps its hashes: it is not hashed again (:func:`known_hashes`).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from . import _tree
+from ._format import ArrayLayout
+from ._leaves import HASH_FIELD
+from ._manifest import StepInfo, parse_step_record
+from ._storage import Storage
+
+__all__ = ["Previous", "chunk_hashes", "committed", "known_hashes", "remember"]
+
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+#: step records are read with this bound (the same as readers use)
+_RECORD_LIMIT = 256 * 1024 * 1024
+
+
+def chunk_hashes(layout: ArrayLayout, array: np.ndarray) -> list[str]:
+    """The xxh3-128 of each chunk of ``array`` (as :meth:`ArrayLayout.chunk_data` gives it)."""
+    if not layout.nbytes:
+        return []
+    return [
+        xxhash.xxh3_128_hexdigest(layout.chunk_data(array, idx).reshape(-1).view(np.uint8))
+        for idx in layout.chunk_ids()
+    ]
+
+
+def _usable(hashes: Any, layout: ArrayLayout) -> bool:
+    """Whether a record's hash list fits its layout (else nothing of the leaf is reused)."""
+    return (
+        isinstance(hashes, list)
+        and len(hashes) == (layout.n_chunks if layout.nbytes else 0)
+        and all(isinstance(h, str) and _HEX128.fullmatch(h) for h in hashes)
+    )
+
+
+# --- jax.Array identity -------------------------------------------------------------------
+
+#: id(array) -> (weak reference to it, its layout, its chunk hashes)
+_known: dict[int, tuple[weakref.ref[Any], ArrayLayout, list[str]]] = {}
+
+
+def known_hashes(value: Any, layout: ArrayLayout) -> list[str] | None:
+    """The hashes an earlier save computed for this very (immutable) ``jax.Array``."""
+    found = _known.get(id(value))
+    if found is None or found[0]() is not value or found[1] != layout:
+        return None
+    return found[2]
+
+
+def remember(value: Any, layout: ArrayLayout, hashes: list[str]) -> None:
+    """Keep ``value``'s hashes while it lives (only for immutable arrays: ``jax.Array``)."""
+    key = id(value)
+    try:
+        ref = weakref.ref(value, lambda _, key=key: _known.pop(key, None))
+    except TypeError:
+        return
+    _known[key] = (ref, layout, hashes)
+
+
+# --- the previous step ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The latest committed step's leaves: path -> (layout, dims, hashes)."""
+
+    dir: str
+    leaves: dict[str, tuple[ArrayLayout, Any, list[str]]]
+
+    @classmethod
+    async def read(cls, storage: Storage, info: StepInfo | None) -> Previous | None:
+        """Read from ``info``'s step record; None if there is none or it is unusable (then
+        nothing is reused: a save never fails for the previous step's sake)."""
+        if info is None:
+            return None
+        cached = _records.get(storage.url)
+        if cached is not None and cached[0] == info.dir and cached[1] == info.record_crc32c:
+            return cached[2]
+        try:
+            data = await storage.get(f"{info.dir}/zarr.json", limit=_RECORD_LIMIT)
+            if data is None:
+                return None
+            tree = _tree.validate(parse_step_record(data, info, storage.describe(info.dir)))
+            leaves = {}
+            for rec in _tree.iter_leaf_records(tree):
+                layout, hashes = ArrayLayout.from_json(rec), rec.get(HASH_FIELD)
+                if _usable(hashes, layout):
+                    leaves[rec["path"]] = (layout, rec.get("dims"), hashes)
+        except Exception:
+            return None
+        return cls(info.dir, leaves)
+
+    def linkable(
+        self, path: str, layout: ArrayLayout, dims: Any, hashes: list[str]
+    ) -> Iterable[int]:
+        """Positions (in chunk order) of the chunks of leaf ``path`` the previous step holds
+        with the same bytes; ``-1`` stands for its ``zarr.json`` (same layout and names)."""
+        found = self.leaves.get(path)
+        if found is None or found[0] != layout:
+            return []
+        same = [i for i, (a, b) in enumerate(zip(found[2], hashes, strict=True)) if a == b]
+        return ([-1] if found[1] == dims else []) + same
+
+
+#: url -> (step directory, record crc32c, what it holds): the step this process committed
+#: last into each root, so that a save loop never reads back its own step record.
+_records: dict[str, tuple[str, int | None, Previous]] = {}
+
+
+def committed(
+    storage: Storage, info: StepInfo, leaves: dict[str, tuple[ArrayLayout, Any, list[str]]]
+) -> None:
+    """Note the step this process just committed (the next save's :class:`Previous`)."""
+    _records[storage.url] = (info.dir, info.record_crc32c, Previous(info.dir, leaves))
