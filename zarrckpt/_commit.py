@@ -76,7 +76,14 @@ a reader against each other (60 s in the slow suite), ``test_links.py`` covers l
     (``Storage.step_exists``); a recycled or deleted directory has been renamed before any
     of its files change, so a read that confirms saw only the step's own bytes. (Model:
     "writer+gc+reader"; ``test_reader_races``.)
-(f) *Concurrent publishes*: exactly one of two writers starting from the same manifest
+(f) *Incremental saves* (``_reuse``) hard-link unchanged files from the step the manifest
+    listed as latest when the save began. A link shares an inode, never a name: deleting
+    the source step leaves the new one whole, and by (d) no file with two links is ever
+    rewritten in place. The source can only be recycled after a commit dropped it, which
+    changes the manifest, so a save whose source was recycled under it fails its publish
+    (g) and commits nothing; a source deleted meanwhile is written instead.
+    (``test_incremental``; the stress tests run with incremental saves.)
+(g) *Concurrent publishes*: exactly one of two writers starting from the same manifest
     commits; the other raises :class:`~zarrckpt.errors.ConcurrentWriteError` having changed
     nothing that is listed (``test_concurrency``).
 
