@@ -16,9 +16,12 @@ __all__ = [
     "CorruptCheckpointError",
     "MissingCheckpointWarning",
     "SingleWriterWarning",
+    "StoreConnectionError",
+    "StoreCredentialsError",
     "StoreError",
     "StructureMismatchError",
     "StructureMismatchWarning",
+    "UnknownProtocolError",
     "UnsupportedLeafError",
     "ZarrCkptError",
     "ZarrCkptWarning",
@@ -55,6 +58,20 @@ class UnsupportedLeafError(ZarrCkptError, TypeError):
 
 class StoreError(ZarrCkptError, OSError):
     """The storage backend failed; the message names the URL."""
+
+
+class StoreConnectionError(StoreError, ConnectionError):
+    """The store's endpoint could not be reached (refused, timed out, unknown host); the
+    message names the URL, the endpoint, the cause and the retries spent."""
+
+
+class StoreCredentialsError(StoreError, PermissionError):
+    """No credentials were found for the store; the message says where the client looked."""
+
+
+class UnknownProtocolError(ZarrCkptError, ValueError):
+    """A URL's protocol is not one fsspec knows; the message lists those that are installed
+    here and those that a package would add."""
 
 
 class CollectiveError(ZarrCkptError, RuntimeError):

@@ -20,6 +20,8 @@ installed and takes the options, fsspec otherwise. Defaults from fsspec's config
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 from typing import Any
 
@@ -28,6 +30,7 @@ import fsspec.core
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore
 
+from ..errors import StoreCredentialsError, UnknownProtocolError
 from .base import Storage, check_key
 from .local import LocalStorage
 from .objects import GCSStorage, S3Storage, StoreStorage, protocols
@@ -87,7 +90,7 @@ def _open_obstore(
 ) -> Storage | None:
     """An obstore storage, or None (fsspec then) where obstore is missing or cannot serve."""
     try:
-        from .obstore import Unsupported, open_obstore
+        from .obstore import NoCredentials, Unsupported, open_obstore
     except ImportError as exc:
         if required:
             raise ImportError(
@@ -97,6 +100,8 @@ def _open_obstore(
     try:
         return open_obstore(location, protocol, path, {**_fsspec_defaults(protocol), **options})
     except Unsupported as exc:
+        if required and isinstance(exc, NoCredentials):
+            raise StoreCredentialsError(f"opening {location} failed: {exc}") from exc
         if required:
             raise ValueError(f"backend='obstore' cannot open {location}: {exc}") from None
         return None
@@ -146,5 +151,38 @@ def open_storage(
         # s3fs sends a HEAD before every whole-object GET unless max_concurrency is 1; our
         # objects are single chunks, so this halves the requests of a load.
         options.setdefault("max_concurrency", 1)
-    store = FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    try:
+        store = FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):
+            raise
+        raise UnknownProtocolError(_unknown_protocol(location, str(protocol))) from exc
     return _for_store(store, location)
+
+
+#: protocols a mistyped one is compared with ("s4" -> "s3", "azure" -> "az", "gcp" -> "gcs")
+_COMMON = ("file", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https",
+           "hf", "hdfs", "sftp", "ftp")  # fmt: skip
+#: object stores a checkpoint is commonly kept on: protocol -> the packages that serve it
+_STORE_PACKAGES = {
+    "s3": ("s3fs", "obstore"),
+    "gs": ("gcsfs", "obstore"),
+    "az": ("adlfs", "obstore"),
+}
+
+
+def _unknown_protocol(location: str, protocol: str) -> str:
+    """The message for a URL whose protocol fsspec does not know: what would work here."""
+    near = difflib.get_close_matches(protocol, _COMMON, n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]}://?)" if near else ""
+    have, need = ["file://", "memory://"], []
+    for proto, packages in _STORE_PACKAGES.items():
+        if any(importlib.util.find_spec(p) is not None for p in packages):
+            have.append(f"{proto}://")
+        else:
+            need.append(f"{proto}:// (pip install {packages[0]})")
+    more = f"; installable: {', '.join(need)}" if need else ""
+    return (
+        f"{location}: unknown protocol {protocol!r}{hint}; zarrckpt opens local paths and "
+        f"{', '.join(have)}{more}; other fsspec protocols: see fsspec.available_protocols()"
+    )

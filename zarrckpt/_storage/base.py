@@ -12,13 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._manifest import MANIFEST_MAX_BYTES
 from ..errors import CorruptCheckpointError, StoreError, ZarrCkptError
 
-__all__ = ["Storage", "check_key", "copy_each", "is_relative_key"]
+__all__ = [
+    "Storage",
+    "cannot_connect",
+    "check_key",
+    "copy_each",
+    "is_relative_key",
+    "no_aws_credentials",
+    "one_line",
+    "url_origin",
+]
 
 
 async def copy_each(
@@ -67,6 +80,43 @@ def check_key(url: str, key: str) -> str:
     return key
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` of a backend's error on one line (obstore's errors append their Rust
+    ``Debug`` form on many lines: dropped here, kept on the error itself)."""
+    text = str(exc).split("\n\nDebug source:", 1)[0]
+    return re.sub(r"\s*\n\s*", " ", f"{type(exc).__name__}: {text}").strip()
+
+
+def url_origin(url: Any) -> str | None:
+    """``scheme://host:port`` of a URL (None: not a URL)."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    return f"{parts.scheme}://{parts.netloc}" if parts and parts.scheme and parts.netloc else None
+
+
+def cannot_connect(
+    endpoint: str, reason: str, retries: int | None = None, elapsed: float | None = None
+) -> str:
+    """``could not connect to <endpoint>: <reason> (<n> retries, <t> s)``."""
+    spent = [] if retries is None else [f"{retries} retr{'y' if retries == 1 else 'ies'}"]
+    spent += [] if elapsed is None else [f"{elapsed:.1f} s"]
+    return f"could not connect to {endpoint}: {reason}" + (
+        f" ({', '.join(spent)})" if spent else ""
+    )
+
+
+def no_aws_credentials(endpoint: str | None, metadata: str | None = None) -> str:
+    """The cause when no AWS credentials were found, with where the clients look;
+    ``metadata``: what the instance metadata service said (default: whether it is off)."""
+    if metadata is None and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        metadata = "off: AWS_EC2_METADATA_DISABLED=true"
+    files = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+    return (
+        f"no AWS credentials found{f' for {endpoint}' if endpoint else ''} (looked in "
+        f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, {files}, AWS_PROFILE, instance metadata"
+        f"{f' [{metadata}]' if metadata else ''})"
+    )
+
+
 class Storage:
     """Async operations on one checkpoint root; subclasses implement them per backend."""
 
@@ -99,17 +149,29 @@ class Storage:
         """A human-readable location for ``key`` (for messages)."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url
 
+    #: where this root's requests go (``http://127.0.0.1:9000``), for messages; None: the
+    #: client's default (local disks, memory)
+    endpoint: str | None = None
+
+    def explain(self, exc: Exception, elapsed: float) -> tuple[type[StoreError], str]:
+        """The error class and the one-line cause of a backend failure (``elapsed``: the
+        seconds the operation ran); backends recognise their clients' failures
+        (:func:`cannot_connect`, :func:`no_aws_credentials`)."""
+        return StoreError, one_line(exc)
+
     @contextlib.asynccontextmanager
     async def errors(self, op: str, key: str) -> AsyncIterator[None]:
-        """Backend failures become :class:`StoreError` naming the location."""
+        """Backend failures become :class:`StoreError` (or the subclass saying what went
+        wrong) in one line naming the location and the cause; the backend's own error,
+        whole, is the ``__cause__``."""
+        start = time.monotonic()
         try:
             yield
         except ZarrCkptError:
             raise
         except Exception as exc:
-            raise StoreError(
-                f"{op} {self.describe(key)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            kind, cause = self.explain(exc, time.monotonic() - start)
+            raise kind(f"{op} {self.describe(key)} failed: {cause}") from exc
 
     def too_large(self, key: str, size: int | None, limit: int) -> CorruptCheckpointError:
         """The error for a value of ``size`` bytes (None: unknown, more than ``limit``)

@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -32,7 +33,15 @@ from zarr.buffer import cpu, default_buffer_prototype
 from zarr.storage import FsspecStore
 
 from .._manifest import MANIFEST_MAX_BYTES
-from .base import Storage, check_key, copy_each
+from ..errors import StoreConnectionError, StoreCredentialsError, StoreError
+from .base import (
+    Storage,
+    cannot_connect,
+    check_key,
+    copy_each,
+    no_aws_credentials,
+    url_origin,
+)
 
 __all__ = ["GCSStorage", "LeaseObjects", "S3Storage", "StoreStorage", "protocols"]
 
@@ -50,6 +59,89 @@ def protocols(store: Store) -> set[str]:
         proto = fs.protocol
         return {proto} if isinstance(proto, str) else set(proto)
     return {"memory"} if type(store).__name__ in ("MemoryStore", "GpuMemoryStore") else set()
+
+
+# --- failures of fsspec clients (aiohttp, botocore) as messages a person can act on ---------
+
+#: errors that mean "no connection was made" (botocore wraps aiohttp's, aiohttp the OS's)
+_CONNECT_ERRORS = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+    "ClientConnectorDNSError", "ConnectionTimeoutError", "ConnectionRefusedError", "gaierror",
+})  # fmt: skip
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it wraps (``__cause__``, aiohttp's ``os_error``, botocore's
+    ``kwargs["error"]``), each once."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        kwargs = getattr(e, "kwargs", None)
+        inner = [e.__cause__, getattr(e, "os_error", None)]
+        inner.append(kwargs.get("error") if isinstance(kwargs, dict) else None)
+        todo += [i for i in inner if isinstance(i, BaseException)]
+
+
+def _connect_failure(exc: BaseException) -> tuple[str | None, str] | None:
+    """``(endpoint named by the error, reason)`` if ``exc`` says no connection was made."""
+    chain = list(_chain(exc))
+    names = set().union(*({c.__name__ for c in type(e).__mro__} for e in chain))
+    if not names & _CONNECT_ERRORS:
+        return None
+    endpoint = None
+    for e in chain:
+        kwargs = getattr(e, "kwargs", None)
+        if endpoint is None and isinstance(kwargs, dict):  # botocore: the object's URL
+            endpoint = url_origin(kwargs.get("endpoint_url"))
+        if endpoint is None and getattr(e, "host", None) and getattr(e, "port", None):
+            endpoint = f"{e.host}:{e.port}"  # type: ignore[attr-defined]  # aiohttp
+    dns = [e for e in chain if isinstance(e, socket.gaierror)]
+    system = [e for e in chain if isinstance(e, OSError) and (e.errno or 0) > 0]
+    if dns:
+        reason = f"host not found ({dns[0].strerror})" if dns[0].strerror else "host not found"
+    elif system:
+        reason = os.strerror(system[0].errno or 0).lower()  # "connection refused"
+    elif names & {"TimeoutError", "ConnectTimeoutError", "ConnectionTimeoutError"}:
+        reason = "timed out"
+    else:
+        reason = "connection failed"
+    return endpoint, reason
+
+
+def _fs_endpoint(store: Store) -> str | None:
+    """Where an fsspec store's requests go, as configured (s3fs, gcsfs), if known."""
+    fs = getattr(store, "fs", None)
+    fs = getattr(fs, "sync_fs", fs)
+    if fs is None:
+        return None
+    client = fs.__dict__.get("_s3")  # s3fs's botocore client, once made
+    for value in (
+        getattr(fs, "endpoint_url", None),
+        (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url"),
+        getattr(getattr(client, "meta", None), "endpoint_url", None),
+        getattr(fs, "_location", None) if hasattr(type(fs), "_location") else None,
+    ):
+        if isinstance(value, str) and value:
+            return value.rstrip("/")
+    return None
+
+
+def explain_fsspec(
+    exc: BaseException, endpoint: str | None, elapsed: float
+) -> tuple[type[StoreError], str] | None:
+    """What an fsspec client's failure means, or None (then its own words are used)."""
+    if any(type(e).__name__ == "NoCredentialsError" for e in _chain(exc)):  # botocore
+        return StoreCredentialsError, no_aws_credentials(endpoint)
+    failure = _connect_failure(exc)
+    if failure is not None:
+        seen, reason = failure
+        where = endpoint or seen or "the endpoint"
+        return StoreConnectionError, cannot_connect(where, reason, elapsed=elapsed)
+    return None
 
 
 #: one lock per in-process root, so that two Storage objects on the same memory:// root
@@ -116,6 +208,12 @@ class StoreStorage(LeaseObjects, Storage):
         self.url = url or str(store)
         self._in_process = "memory" in protocols(store)
         self.conditional_writes = self._in_process
+
+    def explain(self, exc: Exception, elapsed: float) -> tuple[type[StoreError], str]:
+        endpoint = None
+        with contextlib.suppress(Exception):  # for the message only
+            endpoint = _fs_endpoint(self.store)
+        return explain_fsspec(exc, endpoint, elapsed) or super().explain(exc, elapsed)
 
     async def get(self, key: str, limit: int | None = None) -> bytes | None:
         # Bounded: a ranged read of one byte more than the limit (one request, as a plain

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -43,6 +44,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import obstore
 from obstore.exceptions import (
@@ -54,11 +56,24 @@ from obstore.exceptions import (
 from obstore.store import AzureStore, GCSStore, S3Store
 
 from .._manifest import MANIFEST_MAX_BYTES
-from ..errors import SingleWriterWarning
-from .base import Storage, check_key, copy_each
+from ..errors import (
+    SingleWriterWarning,
+    StoreConnectionError,
+    StoreCredentialsError,
+    StoreError,
+)
+from .base import (
+    Storage,
+    cannot_connect,
+    check_key,
+    copy_each,
+    no_aws_credentials,
+    one_line,
+    url_origin,
+)
 from .objects import LeaseObjects
 
-__all__ = ["PROTOCOLS", "ObjectStoreStorage", "Unsupported", "open_obstore"]
+__all__ = ["PROTOCOLS", "NoCredentials", "ObjectStoreStorage", "Unsupported", "open_obstore"]
 
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
 GCS_PROTOCOLS = frozenset({"gs", "gcs"})
@@ -75,6 +90,10 @@ _SMALL_BODY = 16 * 1024
 
 class Unsupported(ValueError):
     """obstore cannot honour this location or option (``open_storage`` then uses fsspec)."""
+
+
+class NoCredentials(Unsupported):
+    """No credentials anywhere obstore would look (fsspec then, which finds none either)."""
 
 
 # --- storage_options -> obstore config ------------------------------------------------------
@@ -116,7 +135,8 @@ def _endpoint(url: str, client: dict[str, Any]) -> str:
 def _aws_credentials_in_files() -> bool:
     home = Path.home() / ".aws"
     return any(os.environ.get(var) for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE")) or any(
-        Path(os.environ.get(var) or default).exists()
+        Path(os.environ.get(var) or default).is_file()
+        and Path(os.environ.get(var) or default).stat().st_size > 0  # empty: no credentials
         for var, default in (
             ("AWS_SHARED_CREDENTIALS_FILE", home / "credentials"),
             ("AWS_CONFIG_FILE", home / "config"),
@@ -144,6 +164,7 @@ def s3_config(options: dict[str, Any]) -> Config:
     key = key or client_kwargs.pop("aws_access_key_id", None)
     secret = options.pop("secret", None) or options.pop("password", None)
     secret = secret or client_kwargs.pop("aws_secret_access_key", None)
+    no_credentials = False
     token = options.pop("token", None) or client_kwargs.pop("aws_session_token", None)
     if key or secret:
         config.update(access_key_id=key, secret_access_key=secret)
@@ -165,8 +186,8 @@ def s3_config(options: dict[str, Any]) -> Config:
     ):
         if _aws_credentials_in_files():
             raise Unsupported("AWS credentials from a profile or config file")
-        if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
-            raise Unsupported("no AWS credentials (and the instance metadata service is off)")
+        # raised once the endpoint is known, to name it
+        no_credentials = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true"
 
     endpoint = (
         options.pop("endpoint_url", None)
@@ -178,6 +199,8 @@ def s3_config(options: dict[str, Any]) -> Config:
     )
     if endpoint:
         config["endpoint"] = _endpoint(endpoint, client)
+    if no_credentials:
+        raise NoCredentials(no_aws_credentials(config.get("endpoint") or "AWS S3"))
     region = client_kwargs.pop("region_name", None) or config_kwargs.pop("region_name", None)
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
@@ -351,7 +374,20 @@ def open_obstore(url: str, protocol: str, path: str, options: dict[str, Any]) ->
             config["account_name"] = account
         kind = AzureStore
     args = json.dumps([kind.__name__, bucket, prefix, config, client, retry], sort_keys=True)
-    return ObjectStoreStorage(_store(args), url.rstrip("/"), probe=probe)
+    storage = ObjectStoreStorage(_store(args), url.rstrip("/"), probe=probe)
+    storage.endpoint = _default_endpoint(kind, config)
+    return storage
+
+
+def _default_endpoint(kind: Any, config: dict[str, Any]) -> str:
+    """Where a store's requests go (for messages)."""
+    if kind is S3Store:
+        region = config.get("region") or "us-east-1"
+        return config.get("endpoint") or f"https://s3.{region}.amazonaws.com"
+    if kind is GCSStore:
+        return config.get("base_url") or "https://storage.googleapis.com"
+    account = config.get("account_name") or "<account>"
+    return config.get("endpoint") or f"https://{account}.blob.core.windows.net"
 
 
 @functools.lru_cache(maxsize=32)
@@ -362,6 +398,81 @@ def _store(args: str) -> Any:
     return cls(
         bucket, prefix=prefix, config=config, client_options=client, retry_config=retry or None
     )
+
+
+# --- failures as messages a person can act on ------------------------------------------------
+
+# obstore's errors are text: a first line (``Error performing GET <uri> in 2.57s, after 10
+# retries, ...``), then object_store's Rust ``Debug`` form (``RetryError { ..., inner: Http {
+# kind: Connect, ... Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }``).
+_PERFORMING = re.compile(
+    r"Error performing (?P<method>[A-Z]+) (?P<uri>\S+) in (?P<took>[0-9.]+)(?P<unit>ns|µs|us|ms|s)\b"
+)
+_RETRIES = re.compile(r"\bafter (\d+) retries|\bretries: (\d+)")
+_STATUS = re.compile(r"status code: (\d{3})((?: [A-Z][A-Za-z-]*)*)")
+_OS_MESSAGE = re.compile(r'\bOs \{[^}]*?message: "([^"]+)"', re.S)
+_DNS = re.compile(r"dns error: ([^\n\"(]+)")
+#: an S3 / GCS / Azure error document in the response body
+_ERROR_CODE = re.compile(r"<Code>([^<]{1,80})</Code>")
+_ERROR_MESSAGE = re.compile(r"<Message>([^<]{1,200})</Message>")
+_UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+#: the instance metadata service's paths: the last place object_store looks for AWS credentials
+_IMDS_PATHS = ("/latest/api/token", "/latest/meta-data")
+
+
+def explain_obstore(
+    exc: BaseException, endpoint: str | None, gcs: bool
+) -> tuple[type[StoreError], str] | None:
+    """What an obstore error means, parsed from its text, or None (then its first line)."""
+    text = str(exc)
+    performing = _PERFORMING.search(text)
+    uri = performing["uri"] if performing else ""
+    origin = url_origin(uri) or endpoint or "the endpoint"
+    status = _STATUS.search(text)
+    said = f"{status[1]}{status[2]}" if status else None  # "403 Forbidden"
+    connect = re.search(r"\bkind: Connect\b|tcp connect error|\bConnectError\b", text)
+    timeout = re.search(r"\bkind: Timeout\b|\btimed out\b", text, re.I)
+    os_message, dns = _OS_MESSAGE.search(text), _DNS.search(text)
+    if dns:
+        reason = f"host not found ({dns[1].strip()})"
+    elif os_message:
+        reason = os_message[1][:1].lower() + os_message[1][1:]  # "connection refused"
+    elif timeout:
+        reason = "timed out"
+    else:
+        reason = "connection failed"
+    if urlsplit(uri).path.startswith(_IMDS_PATHS):  # no credentials elsewhere
+        what = said or (reason if connect or timeout else one_line(exc)[:80])
+        metadata = f"{performing['method']} {origin}: {what}" if performing else what
+        return StoreCredentialsError, no_aws_credentials(endpoint, metadata)
+    if gcs and ((said and said.startswith("501")) or "MissingEtag" in text):
+        answer = (
+            f"{performing['method']} answered {said}"
+            if performing and said
+            else "a PUT answered without an ETag"
+        )
+        return StoreError, (
+            f"the server at {endpoint or origin} does not serve the GCS XML API that obstore "
+            f'speaks ({answer}; nor do most GCS emulators): pass backend="fsspec" '
+            "(storage_options or ZARRCKPT_STORAGE_BACKEND=fsspec) to use gcsfs"
+        )
+    if connect or (timeout and not status):
+        found = _RETRIES.search(text)
+        retries = int(found[1] or found[2]) if found else None
+        took = float(performing["took"]) * _UNITS[performing["unit"]] if performing else None
+        if connect:
+            return StoreConnectionError, cannot_connect(origin, reason, retries, took)
+        detail = ", ".join(
+            ([] if retries is None else [f"{retries} retries"])
+            + ([] if took is None else [f"{took:.1f} s"])
+        )
+        return StoreConnectionError, f"no answer from {origin}: timed out ({detail})"
+    if performing and said:  # the server's answer, without the body's request ids
+        code, message = _ERROR_CODE.search(text), _ERROR_MESSAGE.search(text)
+        answer = f"{type(exc).__name__}: {performing['method']} {origin} answered {said}"
+        answer += f": {code[1]}" if code else ""
+        return StoreError, answer + (f" ({message[1]})" if message else "")
+    return None
 
 
 # --- the storage ----------------------------------------------------------------------------
@@ -401,6 +512,14 @@ class ObjectStoreStorage(LeaseObjects, Storage):
         self.url = url
         self.conditional_writes = True
         self._probe = probe  # probed at the first conditional write, then None
+
+    def explain(self, exc: Exception, elapsed: float) -> tuple[type[StoreError], str]:
+        gcs = isinstance(self.store, GCSStore)
+        explained = explain_obstore(exc, self.endpoint, gcs)
+        if explained is not None:
+            return explained
+        text = one_line(exc)  # the whole of it stays on __cause__
+        return StoreError, text if len(text) <= 300 else text[:299] + "…"
 
     async def get(self, key: str, limit: int | None = None) -> bytes | None:
         async with self.errors("reading", check_key(self.url, key)):
