@@ -23,10 +23,19 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPLORE = ROOT / "notebooks" / "explore_checkpoint.ipynb"
 
 
-def execute(path, workdir):
+#: Appended to the notebook a test runs (never to the one committed): copies the checkpoint it
+#: wrote to ``memory://`` into its working directory, for the test to read what it shows.
+KEEP_CHECKPOINT = 'import fsspec; fsspec.filesystem("memory").get(root, {dest!r}, recursive=True)'
+
+
+def execute(path, workdir, keep_checkpoint=False):
     """``path`` executed top to bottom in a fresh kernel that imports this checkout's
-    zarrckpt (not whichever is installed), in ``workdir``, with temporary files there too."""
+    zarrckpt (not whichever is installed), in ``workdir``, with temporary files there too;
+    ``keep_checkpoint``: then copy its in-memory checkpoint to ``workdir / "snn-run"``."""
     nb = nbformat.read(path, as_version=4)
+    if keep_checkpoint:
+        dest = str(workdir / "snn-run")
+        nb.cells.append(nbformat.v4.new_code_cell(KEEP_CHECKPOINT.format(dest=dest)))
     pythonpath = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": os.pathsep.join(pythonpath)}
     NotebookClient(
@@ -44,7 +53,7 @@ def executed(tmp_path_factory):
     def get(path):
         if path not in done:
             workdir = tmp_path_factory.mktemp(path.stem)
-            done[path] = execute(path, workdir), workdir
+            done[path] = execute(path, workdir, keep_checkpoint=path == EXPLORE), workdir
         return done[path]
 
     return get
@@ -56,6 +65,28 @@ def _outputs(nb):
 
 def _html(nb):
     return [o["data"]["text/html"] for o in _outputs(nb) if o.get("data", {}).get("text/html")]
+
+
+def _machine_specific(nb):
+    """What a reader of the notebook should not see: warnings (a red stderr box: issue 19's
+    TqdmWarning, as BrainPy imports tqdm.auto and the kernel lacked ipywidgets) and paths
+    of the machine that ran it (temporary directories, site-packages)."""
+    found = []
+    for out in _outputs(nb):
+        if out.output_type == "stream" and out.name == "stderr":
+            found.append(f"stderr: {out.text[:300]}")
+        texts = [out.get("text", "")] + [
+            v
+            for k, v in out.get("data", {}).items()
+            if k.startswith("text/") and isinstance(v, str)
+        ]
+        for text in texts:
+            found += [
+                f"{word!r} in {text[max(0, text.find(word) - 80) : text.find(word) + 80]!r}"
+                for word in ("TqdmWarning", "site-packages", "/tmp/", tempfile.gettempdir() + "/")
+                if word in text
+            ]
+    return list(dict.fromkeys(found))
 
 
 def test_there_is_a_notebook():
@@ -73,6 +104,7 @@ def test_notebook_executes(path, executed):
         assert any(o.get("data", {}).get("image/png") for o in _outputs(nb))  # the plots
         streams = "".join(o.get("text", "") for o in _outputs(nb) if o.output_type == "stream")
         assert re.search(r"8 blocks; input weight norm per neuron: \d+\.\d+ ± \d+\.\d+", streams)
+    assert not _machine_specific(nb), _machine_specific(nb)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -85,6 +117,7 @@ def test_notebook_is_committed_with_its_outputs(path):
     assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), hint
     errors = [o for o in _outputs(nb) if o.output_type == "error"]
     assert not errors, f"{hint} ({errors[0].get('ename')}: {errors[0].get('evalue')})"
+    assert not _machine_specific(nb), f"{hint}: {_machine_specific(nb)}"
     if path == EXPLORE:
         assert any(o.get("data", {}).get("image/png") for o in _outputs(nb)), hint
         html = _html(nb)
@@ -107,8 +140,7 @@ def test_browser_shows_the_notebook_as_the_checkpoint_is(executed, tmp_path, the
 
     browser = chromium_or_skip()
     nb, workdir = executed(EXPLORE)
-    (root,) = workdir.glob("*/snn-run")
-    ckpt = zarrckpt.open_checkpoint(str(root))
+    ckpt = zarrckpt.open_checkpoint(str(workdir / "snn-run"))
     page, _ = HTMLExporter(template_name="lab", theme=theme).from_notebook_node(nb)
     page = re.sub(r'<script src="https?://[^"]*"></script>', "", page)  # offline: no CDN
     shown = probe(browser, tmp_path, page)

@@ -317,6 +317,87 @@ def test_html_limits_rows_of_huge_trees(tmp_path, monkeypatch):
     assert len(storage.chunk_reads()) == 44  # leaves not shown are not sampled
 
 
+def _big_state():
+    """207 leaves in 42 groups: a model's layers and its optimizer's moments, as a flax/optax
+    run saves them (the tree issue 19 found opening ~5,000 px tall)."""
+
+    def layer(i):
+        return {
+            "kernel": np.full((4, 4), i, np.float32), "bias": np.zeros(4, np.float32),
+            "scale": np.ones(4, np.float32), "mean": np.zeros(4), "var": np.ones(4),
+        }  # fmt: skip
+
+    return {
+        "params": {f"layers_{i}": layer(i) for i in range(20)},
+        "opt_state": {"count": np.int32(3), **{f"layers_{i}": layer(i) for i in range(20)}},
+        "step": 3, "lr": 0.1, "rng": np.zeros(2, np.uint32), "epoch": 1, "loss": 0.5, "note": "x",
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("big") / "ckpt")
+    zarrckpt.save_pytree(root, _big_state(), verbose=False)
+    return root
+
+
+def _groups(page):
+    """``(label, open)`` of each group row, and the rows shown before a click: a group's
+    rows show when it and every group around it are open."""
+    groups, shown = [], [0]
+
+    def walk(node, visible):
+        for child in node.children:
+            if not isinstance(child, _Node):
+                continue
+            kind = child.attrs.get("class", "")
+            if kind in ("zck-group", "zck-leaf"):
+                box = next(c for c in child.children if getattr(c, "tag", "") == "input")
+                shown[0] += visible
+                if kind == "zck-leaf":
+                    continue
+                is_open = "checked" in box.attrs
+                label = next(c for c in child.children if getattr(c, "tag", "") == "label")
+                groups.append((label.text().split("/")[0], is_open))
+                walk(child, visible and is_open)
+            else:
+                walk(child, visible)
+
+    walk(parse(page), True)
+    return groups, shown[0]
+
+
+def test_html_folds_a_large_tree_to_an_outline(big):
+    """A tree of many groups opens a screen tall: the top level, then groups breadth first
+    while the rows on show stay within OPEN_ROWS; every leaf is still there, a click away."""
+    ckpt = zarrckpt.open_checkpoint(big)
+    page = ckpt._repr_html_()
+    groups, shown = _groups(page)
+    assert len(groups) == 42 and len(ckpt.leaves()) == 207
+    assert len(re.findall(r"<div class='zck-leaf'>", page)) == 207  # folded, not dropped
+    assert shown <= _repr.OPEN_ROWS
+    # params/ (20 groups) opens, then its first layers while they fit; opt_state/ does not
+    assert [label for label, is_open in groups if is_open] == ["params", "layers_0", "layers_1"]
+    assert dict(groups)["opt_state"] is False
+
+
+def test_html_opens_a_small_tree_whole(odd):
+    groups, _ = _groups(zarrckpt.open_checkpoint(odd)._repr_html_())
+    assert groups and all(is_open for _, is_open in groups)
+
+
+def test_html_folding_budget():
+    tree = {
+        "a": {"x": {f"y{i}": 1 for i in range(3)}, "z": 1},
+        "b": {f"c{i}": 1 for i in range(50)},
+    }
+    opened = _repr._opened(tree, 40)
+    assert opened == {id(tree["a"]), id(tree["a"]["x"])}  # b would pass 40 rows: folded
+    assert _repr._opened(tree, 2) == set() and _repr._opened(np.zeros(2), 40) == set()
+    everything = _repr._opened(tree, 1000)
+    assert everything == {id(tree["a"]), id(tree["a"]["x"]), id(tree["b"])}
+
+
 # --- content of the HTML tree ----------------------------------------------------------------------
 
 
@@ -341,6 +422,8 @@ def _odd_state():
         "int4": np.arange(-3, 3).astype(ml_dtypes.int4),
         "key": jax.random.key(0),
         "v": u.Quantity(np.array([1.0, 2.0]), unit=u.mV),
+        "g": u.Quantity(np.ones(2, np.float32), unit=u.siemens / u.cm**2),
+        "ratio": u.Quantity(np.ones(2), unit=u.UNITLESS),
     }
 
 
@@ -403,6 +486,8 @@ def test_html_tree_shows_every_kind_of_leaf_escaped(odd):
     row, details = _leaf_details(page, "key")
     assert "uint32 prngkey threefry2x32" in row and "min" not in details
     assert f"float64 quantity {u.mV.dispname}" in _leaf_details(page, "v")[0]
+    assert "float32 quantity S / cm^2" in _leaf_details(page, "g")[0]
+    assert "float64 quantity dimensionless" in _leaf_details(page, "ratio")[0]
     assert re.search(r"none\s+None", text)
 
 
@@ -423,6 +508,28 @@ def test_html_header_and_steps(odd, monkeypatch):
     assert "… 1 earlier steps" in text and f"0 {_repr._utc(manifest.steps[0].time)}" not in text
     sub = text_of(ckpt["net"]._repr_html_())
     assert "zarrckpt.TreeView" in sub and "path net" in sub and "Steps" not in sub
+
+
+def test_unit_text_is_the_whole_unit():
+    import brainunit as u
+
+    from zarrckpt._leaves import _unit_record
+
+    for unit, text in [
+        (u.mV, "mV"), (u.mV / u.ms, "mV / ms"), (u.siemens / u.cm**2, "S / cm^2"),
+        (u.UNITLESS, "dimensionless"), (u.kilogram * u.meter**2 / u.second**3 / u.amp, "V"),
+    ]:  # fmt: skip
+        assert _repr.unit_text(_unit_record(unit)) == text
+    # a record without names (they are optional): spelled from its dimensions
+    bare = {"dim": [2, 1, -3, -1, 0, 0, 0], "scale": -3, "base": 10.0, "factor": 1.0}
+    assert _repr.unit_text(bare) == "10^-3 * m^2 kg s^-3 A^-1"
+    assert _repr.unit_text(None) == "?"
+
+
+def test_reprs_of_a_quantity_leaf_name_its_unit(odd):
+    leaf = zarrckpt.open_checkpoint(odd)["g"]
+    assert ", kind='quantity', unit='S / cm^2')" in repr(leaf).split("\n")[0]
+    assert "kind quantity unit S / cm^2" in text_of(leaf._repr_html_())
 
 
 def test_text_fallback_is_the_text_repr(odd):
@@ -455,10 +562,20 @@ PROBE = """
 <script>
 const wraps = [...document.querySelectorAll('.zck-wrap')];
 const out = {collapsed: document.body.innerText};
-out.reprs = wraps.map(w => ({collapsed: w.innerText}));
+out.reprs = wraps.map(w => ({
+  collapsed: w.innerText, height: w.getBoundingClientRect().height,
+  open_groups: w.querySelectorAll('.zck-group > .zck-in:checked').length,
+}));
 for (const box of document.querySelectorAll('.zck-in:not(:disabled)')) box.checked = true;
 out.expanded = document.body.innerText;
-wraps.forEach((w, i) => { out.reprs[i].expanded = w.innerText; });
+wraps.forEach((w, i) => {
+  out.reprs[i].expanded = w.innerText;
+  out.reprs[i].expanded_height = w.getBoundingClientRect().height;
+  // cells whose text the column cuts (an ellipsis): none may be a dtype and its kind
+  out.reprs[i].clipped = [...w.querySelectorAll('.zck-dtype')]
+    .filter(s => s.scrollWidth > s.clientWidth || s.scrollHeight > s.clientHeight)
+    .map(s => s.innerText);
+});
 out.images = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
 const wrap = wraps[0];
 out.background = getComputedStyle(wrap).backgroundColor;
@@ -495,10 +612,10 @@ def run_chromium(browser, tmp_path, page, *args):
     return proc.stdout.decode()
 
 
-def probe(browser, tmp_path, page):
+def probe(browser, tmp_path, page, *args):
     """What Chromium shows of ``page`` (see PROBE)."""
     page = page.replace("</body>", PROBE + "</body>") if "</body>" in page else page + PROBE
-    dom = run_chromium(browser, tmp_path, page, "--dump-dom")
+    dom = run_chromium(browser, tmp_path, page, "--dump-dom", *args)
     found = re.search(r'<pre id="zck-probe">(.*?)</pre>', dom, re.S)
     assert found, dom[-2000:]
     return json.loads(html.unescape(found.group(1)))
@@ -544,6 +661,32 @@ def test_browser_shows_the_tree_and_folds_it(odd, tmp_path):
     assert preview not in collapsed and preview in expanded
     assert repr("hello <b>world</b> & 'you'") in expanded
     assert re.search(r"min\s+max\s+mean\s+std\s+NaN\s+1\s+1\s+1\s+0\s+0", expanded)
+
+
+def test_browser_opens_a_large_tree_a_screen_tall(big, tmp_path):
+    browser = chromium_or_skip()
+    ckpt = zarrckpt.open_checkpoint(big)
+    (shown,) = probe(browser, tmp_path, page_of(ckpt._repr_html_()))["reprs"]
+    assert shown["open_groups"] == 3  # of 42
+    assert shown["height"] < 1200, shown["height"]  # was ~5,000 px with every group open
+    assert shown["expanded_height"] > 3 * shown["height"]
+    for info in ckpt.leaves():  # every leaf a click away
+        assert info.path.rsplit("/", 1)[-1] in shown["expanded"]
+
+
+@pytest.mark.parametrize("width", [1100, 640])
+def test_browser_shows_units_in_full(odd, tmp_path, width):
+    browser = chromium_or_skip()
+    page = page_of(zarrckpt.open_checkpoint(odd)._repr_html_())
+    (shown, *_) = probe(browser, tmp_path, page, f"--window-size={width},900")["reprs"]
+    assert shown["clipped"] == []
+    for unit in (
+        "quantity mV",
+        "quantity S / cm^2",
+        "quantity dimensionless",
+        "prngkey threefry2x32",
+    ):
+        assert unit in " ".join(shown["collapsed"].split())
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 The HTML repr is modelled on xarray's: one ``<style>`` block whose colours are JupyterLab's
 CSS variables, so light and dark themes follow the notebook's (with fallbacks for other
 front ends: VS Code's ``body.vscode-dark``, ``html[theme=dark]``); sections that fold with a
-checkbox and its label, not JavaScript (a notebook's output scripts are often untrusted);
+checkbox and its label, not JavaScript (a notebook's output scripts are often untrusted),
+a large tree starting folded to an outline (:data:`OPEN_ROWS`);
 and the plain-text repr underneath, shown where the styles are stripped (an untrusted
 notebook, a notebook viewer). Every name and value is escaped.
 
@@ -26,6 +27,7 @@ import math
 import uuid
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +51,10 @@ SAMPLE_TOTAL_BYTES = 8 << 20
 PREVIEW_BYTES = 8 << 20
 #: Rows (groups and leaves) an HTML tree shows; the rest are counted.
 MAX_ROWS = 500
+#: Rows an HTML tree shows before a click: groups start open, breadth first, while the rows
+#: they add keep the tree within this; the others start folded (as xarray folds a section
+#: of many items), so a large tree opens as an outline a screen tall.
+OPEN_ROWS = 40
 #: Committed steps the Steps section lists (the newest).
 MAX_STEPS = 20
 #: NumPy's defaults for when and how to summarise an array.
@@ -116,10 +122,35 @@ def text_tree(kind: str, title: str, tree: Any, leaves: list[LeafInfo], limit: i
 def _leaf_header(leaf: LazyArray, record: dict[str, Any]) -> str:
     kind = record.get("kind", "ndarray")
     extra = f", kind={kind!r}" if kind in _SHOWN_KINDS else ""
+    if kind == "quantity":
+        extra += f", unit={unit_text(record.get('unit'))!r}"
     return (
         f"LazyArray({leaf.path!r}, shape={leaf.shape}, dtype={leaf.dtype}, chunks={leaf.chunks}, "
         f"codec={leaf.codec!r}, size={human(leaf.nbytes)!r}{extra})"
     )
+
+
+def unit_text(unit: Any) -> str:
+    """A Quantity's unit as its record names it (``mV / ms``), in full: its display name,
+    else its name, else spelled from the SI base dimensions; "dimensionless" for 1."""
+    if not isinstance(unit, dict):
+        return "?"
+    dims = unit.get("dim") or []
+    scale, factor = unit.get("scale", 0), unit.get("factor", 1)
+    if not any(dims) and scale == 0 and factor == 1:
+        return "dimensionless"
+    for field in ("dispname", "name"):
+        if isinstance(unit.get(field), str) and unit[field]:
+            return unit[field]
+    base = " ".join(
+        name if d == 1 else f"{name}^{d:g}"
+        for name, d in zip(("m", "kg", "s", "A", "K", "mol", "cd"), dims, strict=False)
+        if d
+    )
+    prefix = (f"{factor:g} * " if factor != 1 else "") + (
+        f"{unit.get('base', 10):g}^{scale} * " if scale else ""
+    )
+    return (prefix + base) if base else prefix.removesuffix(" * ")
 
 
 def text_leaf(leaf: LazyArray, record: dict[str, Any]) -> str:
@@ -342,13 +373,17 @@ body.vscode-dark .zck {
   column-gap: 0.8em; padding: 1px 0;
 }
 .zck-row > span { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.zck-row > span.zck-dtype { white-space: normal; overflow-wrap: anywhere; }
 .zck-row > .zck-name { padding-left: calc(var(--zck-depth, 0) * 1.2em); }
 .zck-group-row > .zck-name { grid-column: 1 / -1; color: var(--zck-fg); }
 .zck-group-row .zck-dim, .zck-dim { color: var(--zck-fg3); }
 .zck-colnames { color: var(--zck-fg2); border-bottom: solid 1px var(--zck-border); }
 .zck-leaf:nth-child(even) > .zck-row { background-color: var(--zck-bg-alt); }
 .zck-row:hover { background-color: var(--zck-bg-details); }
-.zck-kind { color: var(--zck-fg2); font-size: 0.85em; padding-left: 0.4em; }
+.zck-kind {
+  color: var(--zck-fg2); font-size: 0.85em; padding-left: 0.4em;
+  display: inline-block; max-width: 100%; box-sizing: border-box;
+}
 .zck-details {
   margin: 2px 0 6px calc(var(--zck-depth, 0) * 1.2em + 1.3em); padding: 4px 8px;
   border-left: solid 2px var(--zck-border); background-color: var(--zck-bg-details);
@@ -561,8 +596,8 @@ def _kind_tag(record: dict[str, Any]) -> str:
     if kind not in _SHOWN_KINDS:
         return ""
     detail = ""
-    if kind == "quantity" and isinstance(record.get("unit"), dict):
-        detail = f" {record['unit'].get('dispname', '')}"
+    if kind == "quantity":
+        detail = f" {unit_text(record.get('unit'))}"
     elif kind == "prngkey":
         detail = f" {record.get('impl', '')}"
     elif kind == "py":
@@ -595,7 +630,7 @@ def _leaf_row(
     cells = (
         f"<span class='zck-name'><span class='zck-arrow'></span>{_e(row.label)}</span>"
         f"<span>{_e(_dims(leaf.shape))}</span>"
-        f"<span>{_e(leaf.dtype)}{_kind_tag(record)}</span>"
+        f"<span class='zck-dtype'>{_e(leaf.dtype)}{_kind_tag(record)}</span>"
         f"<span>{_e(human(leaf.nbytes))}</span>"
         f"<span>{_e(_dims(leaf.chunks) if leaf.shape else '-')}</span>"
         f"<span>{_e(leaf.codec)}</span>"
@@ -609,9 +644,27 @@ def _leaf_row(
     )
 
 
+def _opened(tree: Any, budget: int) -> set[int]:
+    """The groups (their ``id``) that start open: the top level shows, then groups open
+    breadth first, each if the rows it adds keep the rows on show within ``budget``; a
+    group inside a folded one stays folded (opening it shows its own rows, as an outline)."""
+    if not isinstance(tree, dict):
+        return set()
+    shown, opened = len(tree), set()
+    queue = deque(child for child in tree.values() if isinstance(child, dict))
+    while queue:
+        group = queue.popleft()
+        if shown + len(group) <= budget:
+            opened.add(id(group))
+            shown += len(group)
+            queue.extend(child for child in group.values() if isinstance(child, dict))
+    return opened
+
+
 def _tree_html(
-    rows: list[_Row], records: dict[str, dict[str, Any]], values: dict[str, _LeafValues]
-) -> str:
+    rows: list[_Row], records: dict[str, dict[str, Any]], values: dict[str, _LeafValues],
+    opened: set[int] | frozenset[int] = frozenset(),
+) -> str:  # fmt: skip
     parts = [
         "<div class='zck-row zck-colnames'><span>name</span><span>shape</span><span>dtype</span>"
         "<span>size</span><span>chunks</span><span>codec</span></div>"
@@ -621,7 +674,7 @@ def _tree_html(
             parts.append("</div></div>")
         elif row.group is not None:
             ident = _new_id()
-            checked = " checked" if row.depth < 2 else ""
+            checked = " checked" if id(row.group) in opened else ""
             inner = _group_leaves(row.group)
             parts.append(
                 f"<div class='zck-group'><input id='{ident}' class='zck-in' type='checkbox'{checked}>"
@@ -652,7 +705,7 @@ def html_tree(
         facts.insert(0, ("path", path))
     facts.append(("root", root))
     sections = [_steps_section(steps, step.step)] if steps else []
-    body = _tree_html(rows, records, values)
+    body = _tree_html(rows, records, values, _opened(tree, OPEN_ROWS))
     if shown < len(leaves):
         body += (
             f"<div class='zck-note'>… {len(leaves) - shown:,} more leaves not shown (the first "
@@ -679,6 +732,8 @@ def html_leaf(leaf: LazyArray, record: dict[str, Any], info: LeafInfo) -> str:
     kind = record.get("kind", "ndarray")
     if kind in _SHOWN_KINDS:
         facts.append(("kind", kind))
+    if kind == "quantity":
+        facts.append(("unit", unit_text(record.get("unit"))))
     preview = f"<pre class='zck-values'>{_e(edge_preview(leaf))}</pre>"
     sections = [_section("Values", None, "edge items, as NumPy prints them", preview, True)]
     if leaf.shape and kind not in ("str", "bytes", "prngkey"):
