@@ -336,9 +336,16 @@ ZARR_JSON_EDITS = {
         configuration={"separator": "/"}
     ),
     "dimension_names": lambda d: d.update(dimension_names=["a", "b"]),
-    "attributes": lambda d: d.update(attributes={"units": "mV"}),
     "storage_transformers": lambda d: d.update(storage_transformers=[{"name": "x"}]),
 }
+
+
+def test_verify_accepts_what_other_tools_add_to_a_zarr_json(root, capsys):
+    """Attributes decode nothing, and zarr-python writes an empty storage_transformers list
+    when it rewrites a zarr.json: neither is damage."""
+    meta = _step_dir(root, 2) / "net/l1/W/zarr.json"
+    _edit_zarr_json(meta, lambda d: d.update(attributes={"units": "mV"}, storage_transformers=[]))
+    assert zc(capsys, "verify", root)[0] == 0
 
 
 @pytest.mark.parametrize("what", list(ZARR_JSON_EDITS))
@@ -652,3 +659,23 @@ def test_console_script_entry_point():
     module, _, name = scripts["zarrckpt"].partition(":")
     assert (module, name) == ("zarrckpt.cli", "main")
     assert cli.main.__module__ == module
+
+
+def test_gc_that_cannot_open_a_lease_spares_its_step(root, capsys, monkeypatch):
+    """A collector that may not open a step's lease (another user's gc in a shared directory:
+    EACCES; out of descriptors: EMFILE) cannot judge it: not debris. It used to take a live
+    writer's step for debris and delete it."""
+    live = Path(root, "step_0000000003.0000000000000000beef")
+    live.mkdir()
+    (live / ".zarrckpt-writing").touch()
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).endswith(".zarrckpt-writing"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    status, out, err = zc(capsys, "gc", root)
+    monkeypatch.undo()
+    assert status == 0 and live.is_dir() and live.name not in out, (out, err)

@@ -216,3 +216,29 @@ def test_a_file_opened_before_recycling_and_read_after_is_not_taken_for_the_step
         thread.join(30)
     assert not os.path.exists(step0)
     assert zarrckpt.load_pytree(str(root))["w"][0] == 2.0
+
+
+def test_a_step_directory_taken_away_mid_save_is_never_committed(tmp_path, monkeypatch):
+    """If a collector misjudges a live step (another user's gc) and claims it while it is
+    being written, the save fails before publishing: it never re-creates the directory
+    and commits a partial step."""
+    from zarrckpt._storage.local import LocalStorage
+    from zarrckpt.errors import StoreError
+
+    root = tmp_path / "run"
+    zarrckpt.save_pytree(str(root), {"a": np.arange(10), "b": np.ones(3)}, verbose=False)
+    sync = LocalStorage.sync
+
+    async def claimed_before_sync(self):
+        for name in os.listdir(self.root):
+            if name.startswith("step_") and name not in committed:
+                os.rename(self.root / name, self.root / f".trash-{name}.00000000")
+        await sync(self)
+
+    committed = {p.name for p in root.iterdir() if p.name.startswith("step_")}
+    monkeypatch.setattr(LocalStorage, "sync", claimed_before_sync)
+    with pytest.raises(StoreError, match="removed or replaced while this save wrote it"):
+        zarrckpt.save_pytree(str(root), {"a": np.arange(10) + 1, "b": np.ones(3)}, verbose=False)
+    monkeypatch.undo()
+    assert zarrckpt.list_steps(str(root)) == [0]
+    assert zarrckpt.load_pytree(str(root))["a"].tolist() == list(range(10))

@@ -188,6 +188,7 @@ async def commit_step(
         try:
             await write(old)
             await storage.sync()
+            await storage.check_lease(info.dir)
         except Exception:
             # Best effort, so that a failed save leaves no gigabytes behind; an interrupt
             # (cancellation) skips this: the next save collects the directory.

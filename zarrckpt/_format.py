@@ -238,8 +238,8 @@ class ArrayLayout:
     def check_whole_zarr_json(
         self, doc: Any, where: str, path: str, dims: list[str] | None = None
     ) -> None:
-        """Refuse an array ``zarr.json`` that is not, field for field, the one the record
-        implies (:meth:`zarr_json` of this layout, the leaf's ``path`` and ``dims``): other
+        """Refuse an array ``zarr.json`` that is not, field for field (but ``attributes``), the
+        one the record implies (:meth:`zarr_json` of this layout, the leaf's ``path`` and ``dims``): other
         Zarr readers decode by it, so a codec, fill value or key encoding edited there makes
         them read other values than zarrckpt does. (Arrays written before
         ``dimension_names`` existed have none: its absence is accepted.)"""
@@ -247,9 +247,14 @@ class ArrayLayout:
         implied = self.zarr_json(None, path, dims)
         if "dimension_names" not in doc:
             del implied["dimension_names"]
+        # Not compared: attributes (other tools may add their own; they decode nothing) and
+        # an empty storage_transformers list (zarr-python writes one when it rewrites).
+        keys = (implied.keys() | doc.keys()) - {"attributes"}
+        if doc.get("storage_transformers") == []:
+            keys.discard("storage_transformers")
         differ = [
             key
-            for key in sorted(implied.keys() | doc.keys())
+            for key in sorted(keys)
             if _canonical(doc.get(key, _ABSENT)) != _canonical(implied.get(key, _ABSENT))
         ]
         if differ:

@@ -281,6 +281,10 @@ class Storage:
         """Whether ``step_dir`` still exists under its name (readers confirm after reading)."""
         return True
 
+    async def check_lease(self, step_dir: str) -> None:
+        """Raise :class:`StoreError` if ``step_dir`` is no longer the directory whose lease
+        this writer holds (checked right before publishing)."""
+
     async def end_step(self, step_dir: str) -> None:
         """Give up the lease: the writer of ``step_dir`` committed or gave up."""
 

@@ -52,15 +52,17 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .._manifest import SPARE_PREFIX, TRASH_PREFIX
 from .._sync import batch_executor
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, StoreError
 from .base import Storage, check_key
 
 try:
@@ -89,7 +91,7 @@ def _advance(views: list[memoryview], n: int) -> None:
         views[0] = views[0][n:]
 
 
-def _open_for_writing(path: str) -> int:
+def _open_for_writing(path: str, top: str) -> int:
     """An fd to write ``path`` in place, if it is a plain file of its own; else anew.
 
     ``O_NOFOLLOW`` refuses a symbolic link, ``O_NONBLOCK`` a FIFO without a reader
@@ -101,6 +103,10 @@ def _open_for_writing(path: str) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:  # first file of a directory: create it (and any parents)
+        if not os.path.isdir(top) or os.path.islink(top):
+            raise FileNotFoundError(
+                errno.ENOENT, "the step directory vanished while being written", top
+            ) from None
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
@@ -114,6 +120,15 @@ def _open_for_writing(path: str) -> int:
         os.close(fd)
     os.unlink(path)
     return os.open(path, flags | os.O_EXCL, 0o644)
+
+
+def _dir_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the directory ``path`` itself (None: missing, a link, a file)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _rmtree(path: str) -> None:
@@ -166,18 +181,38 @@ _PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
 
 #: A file's identity as this process wrote it: (inode, size, modification time in ns).
 _Identity = tuple[int, int, int]
-#: Step directories this process created, per (real root, directory name), with the
-#: identity of each ``zarr.json`` it wrote there (keys relative to the step directory).
-#: Only these may become spares; at most ``_OWN_PER_ROOT`` per root are remembered.
-_own: dict[tuple[str, str], dict[str, _Identity]] = {}
-_OWN_PER_ROOT = 16
-#: This process's spare per root (real path): (directory name, fd holding its lease,
-#: identities of the ``zarr.json`` files it holds).
-_spares: dict[str, tuple[str, int, dict[str, _Identity]]] = {}
+
+
+@dataclass
+class _Mine:
+    """A step directory this process created: the directory's (device, inode), and the
+    identity of each ``zarr.json`` written there (keys relative to it; None: forgotten)."""
+
+    dir: tuple[int, int]
+    written: dict[str, _Identity] | None
+
+
+#: Step directories this process created, per (real root, directory name): only these may
+#: become spares. The newest ``_OWN_PER_ROOT`` per root are remembered, the ``zarr.json``
+#: identities of the newest ``_WRITTEN_PER_ROOT`` only (the next commit drops one of those
+#: with ``keep=1``; with more kept, incremental saves link the unchanged documents anyway).
+_own: dict[tuple[str, str], _Mine] = {}
+_OWN_PER_ROOT = 1024
+_WRITTEN_PER_ROOT = 2
+#: This process's spare per root (real path): (directory name, fd holding its lease, what
+#: this process knows of it).
+_spares: dict[str, tuple[str, int, _Mine]] = {}
+#: Guards ``_own`` and ``_spares``: saves of one process may run on several threads.
+_bookkeeping = threading.Lock()
 
 
 def _forget_spares_after_fork() -> None:
-    _spares.clear()  # the parent's spares stay the parent's (their locks are shared)
+    global _bookkeeping
+    _bookkeeping = threading.Lock()  # a parent's thread may have held it
+    for _, fd, _ in _spares.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the lock stays the parent's, and ends with it
+    _spares.clear()  # the parent's spares stay the parent's
     _own.clear()
 
 
@@ -331,7 +366,7 @@ class LocalStorage(Storage):
         # No O_TRUNC: a recycled file is overwritten in place (truncating frees its blocks
         # and the write allocates them again, the largest cost of a recycled save in a
         # profile), and cut only where the new content is shorter (a compressed chunk).
-        fd = _open_for_writing(self._path(key))
+        fd = _open_for_writing(self._path(key), self._path(key.partition("/")[0]))
         try:
             written = _write_all(fd, parts)
             st = os.fstat(fd)
@@ -346,12 +381,13 @@ class LocalStorage(Storage):
     def _remember(self, key: str, st: os.stat_result) -> None:
         """Note the identity of a ``zarr.json`` written into one of this process's steps."""
         step_dir, _, rest = key.partition("/")
-        written = _own.get((self._real(), step_dir))
-        if written is not None and rest:
-            written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        mine = _own.get((self._real(), step_dir))
+        if mine is not None and mine.written is not None and rest:
+            mine.written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
-        written = _own.get((self._real(), step_dir), {})
+        mine = _own.get((self._real(), step_dir))
+        written = mine.written if mine is not None and mine.written is not None else {}
         intact = set()
         for key in keys:
             try:
@@ -473,7 +509,8 @@ class LocalStorage(Storage):
         """Delete a directory of the root: claimed first by a rename to a ``.trash-`` name
         (see "Claims" above); if another process renamed it first, it is that one's."""
         path = self._path(prefix)
-        _own.pop((self._real(), prefix), None)
+        with _bookkeeping:
+            _own.pop((self._real(), prefix), None)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -518,7 +555,7 @@ class LocalStorage(Storage):
 
     def _put_if_unchanged(self, key: str, data: bytes, token: Any) -> bool:
         os.makedirs(self.root, exist_ok=True)
-        fd = os.open(self._path(_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._path(_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             locked = self._flock(fd, fcntl.LOCK_EX if fcntl else 0)
             if self._get(key) != token:
@@ -546,19 +583,22 @@ class LocalStorage(Storage):
             self._real_root = os.path.realpath(self.root) + os.sep
         return self._real_root
 
-    def _take_spare(self, tmp: str) -> tuple[int, bytes, dict[str, _Identity]] | None:
-        """Rename this process's spare to ``tmp``: (its lease fd, its old step record, the
-        identities of its ``zarr.json`` files)."""
-        found = _spares.pop(self._real(), None)
+    def _take_spare(self, tmp: str) -> tuple[int, bytes, _Mine] | None:
+        """Rename this process's spare to ``tmp``: (its lease fd, its old step record, what
+        this process knows of it). Only the very directory it made a spare qualifies."""
+        with _bookkeeping:
+            found = _spares.pop(self._real(), None)
         if found is None:
             return None
-        name, fd, written = found
+        name, fd, mine = found
         try:
             os.rename(self._path(name), tmp)
+            if _dir_identity(tmp) != mine.dir:
+                raise OSError(errno.ESTALE, "not the spare this process made", tmp)
             record_fd = os.open(os.path.join(tmp, "zarr.json"), os.O_RDONLY | os.O_NOFOLLOW)
             with open(record_fd, "rb") as f:
-                return fd, f.read(), written
-        except OSError:  # gone or damaged: start afresh
+                return fd, f.read(), mine
+        except OSError:  # gone, replaced or damaged: start afresh
             os.close(fd)
             with contextlib.suppress(OSError):
                 self._delete_dir(os.path.basename(tmp))
@@ -570,32 +610,37 @@ class LocalStorage(Storage):
         tmp = self._path(f".tmp-{step_dir}")
         spare = self._take_spare(tmp) if recycle and self.recycles else None
         if spare is not None:
-            fd, old_record, written = spare
+            fd, old_record, mine = spare
             self._leases[step_dir] = fd  # the spare's lease file is the step's lease now
         else:
             if not recycle:
                 self._drop_spares()
-            old_record, written = None, {}
+            old_record = None
             os.makedirs(tmp)
+            mine = _Mine(_dir_identity(tmp), {})
             fd = os.open(os.path.join(tmp, _LEASE), os.O_RDWR | os.O_CREAT, 0o644)
             if self._flock(fd, fcntl.LOCK_EX if fcntl else 0):
                 self._leases[step_dir] = fd
             else:
                 os.close(fd)
         os.rename(tmp, self._path(step_dir))
-        self._adopt(step_dir, written)
+        self._adopt(step_dir, mine)
         return old_record
 
-    def _adopt(self, step_dir: str, written: dict[str, _Identity]) -> None:
+    def _adopt(self, step_dir: str, mine: _Mine) -> None:
         """Remember ``step_dir`` as this process's, forgetting vanished and the oldest ones."""
         real = self._real()
-        for key in [key for key in list(_own) if key[0] == real]:
-            if not os.path.isdir(self._path(key[1])):
-                _own.pop(key, None)
-        mine = [key for key in list(_own) if key[0] == real]
-        for key in mine[: max(0, len(mine) - _OWN_PER_ROOT + 1)]:
-            _own.pop(key, None)  # cannot become a spare now: deleted instead, when dropped
-        _own[(real, step_dir)] = written
+        with _bookkeeping:
+            for key in [key for key in _own if key[0] == real]:
+                if not os.path.isdir(self._path(key[1])):
+                    del _own[key]
+            _own[(real, step_dir)] = mine
+            ours = [key for key in _own if key[0] == real]  # oldest first
+            for key in ours[: max(0, len(ours) - _OWN_PER_ROOT)]:
+                del _own[key]  # cannot become a spare now: deleted instead, when dropped
+            for key in ours[: max(0, len(ours) - _WRITTEN_PER_ROOT)]:
+                if key in _own:
+                    _own[key].written = None
 
     async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         return await self._run("writing", step_dir, self._begin_step, step_dir, recycle)
@@ -607,43 +652,51 @@ class LocalStorage(Storage):
     def _make_spare(self, step_dir: str) -> bool:
         """Turn ``step_dir`` (dropped, or this writer's lost one) into this process's spare.
 
-        Only a directory this process created qualifies. The lease is held *before* the
-        rename (a losing writer keeps the one it holds), so the spare is never without
-        one; a collector that claimed the directory first makes the rename fail.
+        Only the very directory this process created qualifies (same device and inode: a
+        link put in its place is not followed). The lease is held *before* the rename (a
+        losing writer keeps the one it holds), so the spare is never without one; a
+        collector that claimed the directory first makes the rename fail.
         """
         real = self._real()
-        if not self.recycles or real in _spares or (real, step_dir) not in _own:
-            return False
-        path = self._path(step_dir)
-        fd = self._leases.pop(step_dir, None)
-        if fd is None:
-            try:
-                fd = os.open(
-                    os.path.join(path, _LEASE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
-                )
-            except OSError:  # claimed by a collector (renamed away) meanwhile
+        with _bookkeeping:  # one spare per root, even when saves run on several threads
+            mine = _own.get((real, step_dir))
+            if not self.recycles or real in _spares or mine is None:
                 return False
+            path = self._path(step_dir)
+            if _dir_identity(path) != mine.dir:
+                return False
+            fd = self._leases.pop(step_dir, None)
+            if fd is None:
+                try:
+                    fd = os.open(
+                        os.path.join(path, _LEASE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
+                    )
+                except OSError:  # claimed by a collector (renamed away) meanwhile
+                    return False
+                try:
+                    locked = self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # someone holds it: not a finished step after all
+                    locked = False
+                if not locked:
+                    os.close(fd)
+                    return False
+            name = SPARE_PREFIX + step_dir
             try:
-                locked = self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # someone holds it: not a finished step after all
-                locked = False
-            if not locked:
+                os.rename(path, self._path(name))
+                if _dir_identity(self._path(name)) != mine.dir:  # swapped in between
+                    raise OSError(errno.ESTALE, "not the directory this process made", name)
+            except OSError:
                 os.close(fd)
                 return False
-        name = SPARE_PREFIX + step_dir
-        try:
-            os.rename(path, self._path(name))
-        except OSError:
-            os.close(fd)
-            return False
-        _spares[real] = (name, fd, _own.pop((real, step_dir)))
-        return True
+            _spares[real] = (name, fd, _own.pop((real, step_dir)))
+            return True
 
     async def make_spare(self, step_dir: str) -> bool:
         return await self._run("recycling", step_dir, self._make_spare, step_dir)
 
     def _drop_spares(self) -> None:
-        found = _spares.pop(self._real(), None)
+        with _bookkeeping:
+            found = _spares.pop(self._real(), None)
         if found is not None:
             name, fd, _ = found
             try:
@@ -676,6 +729,24 @@ class LocalStorage(Storage):
     async def step_exists(self, step_dir: str) -> bool:
         return os.path.isdir(self._path(step_dir))
 
+    def _check_lease(self, step_dir: str) -> None:
+        fd = self._leases.get(step_dir)
+        if fd is None:
+            return
+        held = os.fstat(fd)
+        try:
+            there = os.lstat(self._path(f"{step_dir}/{_LEASE}"))
+        except OSError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+            raise StoreError(
+                f"{self.describe(step_dir)} was removed or replaced while this save wrote it "
+                "(a `zarrckpt gc` or cleanup job of another user?); nothing was committed"
+            )
+
+    async def check_lease(self, step_dir: str) -> None:
+        await self._run("committing", step_dir, self._check_lease, step_dir)
+
     def _end_step(self, step_dir: str) -> None:
         fd = self._leases.pop(step_dir, None)
         with contextlib.suppress(FileNotFoundError):
@@ -687,14 +758,19 @@ class LocalStorage(Storage):
         await self._run("writing", step_dir, self._end_step, step_dir)
 
     def _lease_expired(self, step_dir: str, created: float) -> bool:
+        # Read-only: locking needs no write permission, so a collector run by another user
+        # judges leases as the writer's own process would.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self._path(f"{step_dir}/{_LEASE}"), os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(self._path(f"{step_dir}/{_LEASE}"), flags)
         except (FileNotFoundError, NotADirectoryError):
             # No lease: a finished step, or a ``.tmp-`` directory of a writer that died
             # before creating its lease.
             return not step_dir.startswith(".tmp-") or time.time() - created > 60
-        except OSError:  # a link or something else odd: not ours to judge by lock
-            return True
+        except OSError as exc:
+            # A link is never a lease zarrckpt wrote; anything else (no permission, out of
+            # descriptors) means this process cannot judge: not garbage.
+            return exc.errno == errno.ELOOP
         try:
             if not self.leases:
                 return time.time() - created > 3600  # no locks here: judge by age only
