@@ -1,6 +1,7 @@
 """Background saves: snapshot at call time, one at a time, errors surfaced."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -202,3 +203,31 @@ def test_save_pytree_after_a_failed_save_saves_nothing_and_says_so(url, monkeypa
         zarrckpt.save_pytree(url, {"w": 3}, async_manager=manager, verbose=False)
     assert zarrckpt.list_steps(url) == [0]
     assert zarrckpt.load_pytree(url)["w"] == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_wait_for_its_parents_save(tmp_path):
+    """A child forked while the parent's manager had a save running may save and close
+    with that manager without waiting forever for a thread it does not have."""
+    script = f"""
+import os, sys, time, warnings
+import numpy as np
+import zarrckpt
+warnings.simplefilter("ignore")  # JAX's fork warning
+m = zarrckpt.AsyncManager()
+zarrckpt.save_pytree({str(tmp_path / "parent")!r}, {{"a": np.zeros(50_000_000, np.uint8)}},
+                     async_manager=m, verbose=False)
+pid = os.fork()
+if pid == 0:
+    zarrckpt.save_pytree({str(tmp_path / "child")!r}, {{"b": np.arange(3)}}, async_manager=m,
+                         verbose=False)
+    m.close()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+m.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert zarrckpt.load_pytree(str(tmp_path / "child"))["b"].tolist() == [0, 1, 2]
+    assert zarrckpt.list_steps(str(tmp_path / "parent")) == [0]

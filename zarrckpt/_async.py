@@ -155,6 +155,8 @@ class AsyncManager:
         self._save: _Save | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
+        self._max_workers = max_workers
 
     def __enter__(self) -> AsyncManager:
         return self
@@ -164,6 +166,11 @@ class AsyncManager:
 
     def _take_previous(self) -> _Save | None:
         """Wait until the previous save has finished, and take it off this manager."""
+        if self._pid != os.getpid():  # a forked child: the parent's save is not ours to await
+            self._pid, self._save, self._lock = os.getpid(), None, threading.Lock()
+            self._executor = ThreadPoolExecutor(
+                self._max_workers, thread_name_prefix="zarrckpt-save", initializer=lower_priority
+            )
         save = self._save
         if save is None:
             return None
