@@ -17,6 +17,9 @@ Kinds recorded per leaf (``"kind"``): ``ndarray``, ``jax``, ``npscalar``, ``py``
 ``pytype``), ``str``, ``bytes``, ``quantity`` (+ ``unit``), ``brainpy`` (+ ``class``),
 ``state`` (+ ``class``: a brainstate State holding an array), ``prngkey`` (+ ``impl``). A
 State holding a Quantity or a key keeps that kind and adds ``"state": class name``.
+
+Anything else cannot be stored. Below a registered PyTree node ``_tree`` records it as
+taken from the target instead of calling :func:`encode`; elsewhere :func:`encode` refuses it.
 """
 
 from __future__ import annotations
@@ -256,7 +259,9 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     raise UnsupportedLeafError(
         f"leaf {path!r}: cannot store an object of type {type(value).__module__}."
         f"{type(value).__qualname__}; expected an array (numpy, JAX, BrainPy, brainstate), a "
-        "brainunit Quantity, a number, str or bytes, inside dict/list/tuple/namedtuple/None"
+        "brainunit Quantity, a number, str or bytes, inside dict/list/tuple/namedtuple/None "
+        "(other objects, such as functions, only inside a registered PyTree node like an "
+        "equinox Module, where a load takes them from its target)"
     )
 
 

@@ -20,8 +20,10 @@ an older reader would misread bumps the major version. Step records carry the ``
 scheme version (how keys become Zarr names); readers never recompute names, they use the
 names and paths recorded, so every naming scheme stays readable.
 
-History: 1.0 (zarrckpt 0.1.0); 1.1 adds ``record_crc32c`` to step entries and ``naming`` to
-step records.
+History: 1.0 (zarrckpt 0.1.0); 1.1 (zarrckpt 0.2.0) adds ``record_crc32c`` to step
+entries, ``naming`` to step records and the ``from_target`` tree node (``_tree``: a leaf
+that is not stored, taken from the target on load). 1.1 is one release: no reader of 1.1
+lacks any of them (0.1.0 cannot open a root 0.2.0 wrote to at all).
 """
 
 from __future__ import annotations

@@ -376,6 +376,14 @@ def _compare(path: str, value: Any, rec: dict[str, Any], layout: ArrayLayout) ->
     return _leaves.compare(path, value, rec)
 
 
+def _not_stored(path: str, rec: dict[str, Any]) -> str:
+    pytype = rec["pytype"].rpartition(":")[2] or rec["pytype"]
+    return (
+        f"{path}: not stored in the checkpoint (it held a {pytype[:80]}, which a load takes "
+        "from its target)"
+    )
+
+
 def restore_into(
     opened: OpenStep, record: dict[str, Any], target: Any, mismatch: Mismatch, parallel: bool,
     verbose: bool, prefix: str = "",
@@ -383,12 +391,17 @@ def restore_into(
     """Restore the sub-tree ``record`` (stored under ``prefix``) into ``target``'s structure.
 
     Target leaves are paired with saved ones by their original keys (``_tree.match``), never
-    by re-spelling names, so checkpoints of every naming scheme restore alike.
+    by re-spelling names, so checkpoints of every naming scheme restore alike. Leaves that
+    are not stored (``from_target``: functions, sentinels) keep the target's own objects.
     """
     opened.valid(record, prefix)
     pairs, unexpected = _tree.match(record, target, prefix)
     problems, wanted = [], {}
     for i, (path, value, rec) in enumerate(pairs):
+        if rec is not None and rec["type"] == _tree.FROM_TARGET:
+            if _leaves.is_leaf(value):  # the target's is kept, but it expected a saved value
+                problems.append(_not_stored(path, rec))
+            continue  # not stored (a function, a sentinel): the target's own is kept
         problem = (
             f"{path}: missing from the checkpoint"
             if rec is None

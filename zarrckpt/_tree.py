@@ -15,11 +15,23 @@ Containers
       level at a time by ``jax.tree_util``, its children named by their key paths
       (``GetAttrKey`` -> the attribute, ``DictKey`` -> the key, ``SequenceKey`` and
       ``FlattenedIndexKey`` -> the position). jax is consulted only if already imported.
+      A node without children (``eqx.nn.Identity``, a dataclass whose fields are all
+      static) is a container of nothing, not a leaf.
 
 Everything else is a leaf; what a leaf may be is :mod:`._leaves`' business. Arrays
 (typed PRNG key arrays too), BrainPy ``Variable``s, brainstate ``State``s holding an array
 and brainunit ``Quantity``s stay leaves even where JAX would split them. Traversal order
 is the containers' own, so a tree flattens the same way every time.
+
+Taken from the target
+    Below a registered PyTree node (at any depth), a leaf that is not something
+    :mod:`._leaves` stores (``jax.nn.relu``, a ``custom_jvp``, equinox's sentinels, any
+    object) is not stored: it is recorded as ``from_target``, with its type's name, and a
+    load into a target keeps the target's own object there, as equinox's
+    ``tree_deserialise_leaves`` takes non-array leaves from its ``like``; a load without a
+    target gives ``None``. The type name is descriptive only: nothing is pickled, and
+    nothing is imported on load. In plain dicts, lists and tuples, where no target's node
+    can supply such an object, it is refused (``UnsupportedLeafError`` naming its path).
 
 Loading
     Without a target a tree comes back as the containers the record names: same dict keys
@@ -29,9 +41,10 @@ Loading
     namedtuple with the recorded fields, a dict subclass); otherwise a plain ``dict`` comes
     back and ``on_missing_class`` is told. **A treedef is not data**: PyTree nodes come back
     as dicts keyed by attribute, key or position, and a State holding a sub-tree as that
-    sub-tree. To get the classes back, restore into a target: :func:`match` pairs the
-    target's leaves with the record by original keys (never by re-spelling names), and
-    :func:`rebuild` puts the restored values back into the target's own containers.
+    sub-tree, and a ``from_target`` node as ``None``. To get the classes back, restore into
+    a target: :func:`match` pairs the target's leaves with the record by original keys
+    (never by re-spelling names), and :func:`rebuild` puts the restored values back into
+    the target's own containers.
 
 Names (``NAMING_VERSION`` 2)
     Each child gets a Zarr node name that is valid on every disk and object store:
@@ -71,6 +84,9 @@ Record nodes (JSON)::
      "keys": [["attr", name] | ["key", k] | ["seq", i] | ["index", i], ...],
      "names": [n, ...], "children": [...]}
     {"type": "state", "class": "mod:Qual", "children": [sub-tree]}  # same path as its child
+    {"type": "from_target", "pytype": "mod:Qual"}  # not stored: the target supplies it
+
+``from_target`` is part of format 1.1 (zarrckpt 0.2.0), as are the names of scheme 2.
 
 A leaf's ``path`` is its parents' names joined by ``/``. A record read from storage is
 untrusted: :func:`validate` checks it (types, lengths, depth at most ``MAX_DEPTH``, safe and
@@ -93,6 +109,7 @@ from . import _leaves
 from .errors import CorruptCheckpointError, UnsupportedLeafError
 
 __all__ = [
+    "FROM_TARGET",
     "MAX_DEPTH",
     "NAMING_VERSION",
     "ROOT_LEAF_NAME",
@@ -117,6 +134,8 @@ NAMING_VERSION = 2
 MAX_NAME_BYTES = 255
 #: How deep a tree may nest (container levels plus tuple-key parts); deeper is refused.
 MAX_DEPTH = 256
+#: The record type of a leaf that is not stored but taken from the target on load.
+FROM_TARGET = "from_target"
 
 _HASH_PREFIX_BYTES = 200
 _MARK = "%~"  # escape() never produces it: every "%" it writes starts "%XX" (or is the key "")
@@ -374,8 +393,8 @@ def _pytree_node(obj: Any, named: bool) -> _Node | None:
         return None
     tree_util = jax.tree_util
     pairs, treedef = tree_util.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
-    if tree_util.treedef_is_leaf(treedef):
-        return None  # not a registered node
+    if tree_util.treedef_is_leaf(treedef) and treedef.num_leaves == 1:
+        return None  # not a registered node (one without children has no leaves at all)
     entries = [_key_entry(kp[-1], i, tree_util) for i, (kp, _) in enumerate(pairs)]
     canon = [c for _, c in entries]
     if len(set(canon)) != len(canon):  # ambiguous keys: match by position instead
@@ -415,6 +434,11 @@ def _node(obj: Any, path: str, named: bool = True) -> _Node | None:
     return _pytree_node(obj, named)
 
 
+def _from_target(obj: Any) -> dict[str, Any]:
+    """The record of a leaf that is not stored: a load into a target keeps the target's."""
+    return {"type": FROM_TARGET, "pytype": _spec(type(obj))}
+
+
 def _too_deep(path: str) -> UnsupportedLeafError:
     return UnsupportedLeafError(
         f"{path or ROOT_LEAF_NAME!r}: the tree nests deeper than {MAX_DEPTH} levels "
@@ -429,18 +453,22 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
     """Flatten ``tree`` into ``(record, [(path, leaf), ...], group_paths)``.
 
     Leaf records carry ``{"type": "leaf", "path": ...}``; callers add their own fields.
-    ``group_paths`` lists every path that needs a Zarr group: each container (``""`` is the
-    root; ``None`` and transparent States have none) and each intermediate level of a
-    tuple key. Raises :class:`UnsupportedLeafError` naming the path of a bad key.
+    Below a registered PyTree node, a leaf :mod:`._leaves` does not store is recorded as
+    ``from_target`` and left out of the leaves. ``group_paths`` lists every path that needs
+    a Zarr group: each container (``""`` is the root; ``None`` and transparent States have
+    none) and each intermediate level of a tuple key. Raises :class:`UnsupportedLeafError`
+    naming the path of a bad key.
     """
     leaves: list[tuple[str, Any]] = []
     groups: list[str] = []
 
-    def visit(obj: Any, path: str, depth: int) -> dict[str, Any]:
+    def visit(obj: Any, path: str, depth: int, in_node: bool) -> dict[str, Any]:
         if depth > MAX_DEPTH:
             raise _too_deep(path)
         node = _node(obj, path)
         if node is None:
+            if in_node and not _leaves.is_leaf(obj):
+                return _from_target(obj)
             leaf_path = path or ROOT_LEAF_NAME
             leaves.append((leaf_path, obj))
             return {"type": "leaf", "path": leaf_path}
@@ -451,13 +479,14 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
             groups.append(path)
             for group in node.groups:
                 groups.append(_join(path, group))
+        in_node = in_node or header["type"] == "pytree"
         kids = []
         for _, names, child in node.kids:
-            kids.append(visit(child, _join(path, names), depth + max(1, len(names))))
+            kids.append(visit(child, _join(path, names), depth + max(1, len(names)), in_node))
         header["children"] = kids
         return header
 
-    record = visit(tree, "", 0)
+    record = visit(tree, "", 0, False)
     return record, leaves, groups
 
 
@@ -537,12 +566,13 @@ def unflatten(
     A recorded class that is not loaded (or no longer fits: a namedtuple with other fields)
     gives a ``dict`` (an ``OrderedDict`` for ``odict``), and ``on_missing_class(spec)`` is
     told, to warn. PyTree nodes give dicts keyed by attribute, key or position; States
-    holding a sub-tree give the sub-tree (a treedef is not data).
+    holding a sub-tree give the sub-tree (a treedef is not data); ``from_target`` nodes give
+    ``None`` (only a target can supply them).
     """
     kind = record["type"]
     if kind == "leaf":
         return leaf_fn(record)
-    if kind == "none":
+    if kind in ("none", FROM_TARGET):
         return None
     values = []
     for child in record["children"]:
@@ -580,7 +610,7 @@ def iter_leaf_records(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
     kind = record["type"]
     if kind == "leaf":
         yield record
-    elif kind != "none":
+    elif kind not in ("none", FROM_TARGET):
         for child in record["children"]:
             yield from iter_leaf_records(child)
 
@@ -597,7 +627,7 @@ def _unwrap(record: dict[str, Any]) -> dict[str, Any]:
 def _record_entries(record: dict[str, Any]) -> list[tuple[Any, list[str], dict[str, Any]]]:
     """``(key, name path, child record)`` of a container record, in record order."""
     kind = record["type"]
-    if kind in ("leaf", "none"):
+    if kind in ("leaf", "none", FROM_TARGET):
         return []
     kids = record["children"]
     if kind in ("list", "tuple"):
@@ -688,19 +718,28 @@ def match(
     and names are never re-spelt: version 1 records match like version 2. Paths are
     ``prefix`` joined with the recorded names, or below a target-only node with the names
     the writer would give (``ROOT_LEAF_NAME`` for a bare leaf).
+
+    A ``from_target`` record in a pair means that the checkpoint holds nothing there and
+    the target's leaf is kept. A target leaf that cannot be stored (a function, a sentinel:
+    not a :mod:`._leaves` kind) gets one where the record says ``from_target``, and below a
+    registered PyTree node also where the record has ``None`` or nothing (equinox's rule:
+    non-array leaves come from the ``like`` model). A storable target leaf gets one only
+    where the record says ``from_target``: the caller reports that it has no saved value.
     """
     pairs: list[tuple[str, Any, dict[str, Any] | None]] = []
     unexpected: list[str] = []
 
-    def missing(obj: Any, path: str, depth: int) -> None:
+    def missing(obj: Any, path: str, depth: int, in_node: bool) -> None:
         if depth > MAX_DEPTH:
             raise _too_deep(path)
         node = _node(obj, path)
         if node is None:
-            pairs.append((path or ROOT_LEAF_NAME, obj, None))
+            taken = in_node and not _leaves.is_leaf(obj)
+            pairs.append((path or ROOT_LEAF_NAME, obj, _from_target(obj) if taken else None))
             return
+        in_node = in_node or node.header["type"] == "pytree"
         for _, names, child in node.kids:
-            missing(child, _join(path, names), depth + max(1, len(names)))
+            missing(child, _join(path, names), depth + max(1, len(names)), in_node)
 
     def extra(rec: dict[str, Any], path: str) -> None:
         rec = _unwrap(rec)
@@ -710,21 +749,26 @@ def match(
         for _, names, child in _record_entries(rec):
             extra(child, _join(path, names))
 
-    def walk(rec: dict[str, Any], obj: Any, path: str, depth: int) -> None:
+    def walk(rec: dict[str, Any], obj: Any, path: str, depth: int, in_node: bool) -> None:
         if depth > MAX_DEPTH:
             raise _too_deep(path)
         rec = _unwrap(rec)
         node = _node(obj, path)
         if node is None:
-            if rec["type"] == "leaf":
+            kind = rec["type"]
+            if kind in ("leaf", FROM_TARGET):
                 pairs.append((path or ROOT_LEAF_NAME, obj, rec))
+            elif in_node and not _leaves.is_leaf(obj):
+                pairs.append((path or ROOT_LEAF_NAME, obj, _from_target(obj)))
+                extra(rec, path)
             else:
                 pairs.append((path or ROOT_LEAF_NAME, obj, None))
                 extra(rec, path)
             return
         if node.header["type"] == "state":
-            walk(rec, node.kids[0][2], path, depth + 1)
+            walk(rec, node.kids[0][2], path, depth + 1, in_node)
             return
+        in_node = in_node or node.header["type"] == "pytree"
         if rec["type"] == "leaf":
             unexpected.append(path or ROOT_LEAF_NAME)
         entries = _record_entries(rec)
@@ -738,15 +782,15 @@ def match(
                 key = str(key)  # flax / braintools msgpack: sequences saved as {"0": ..}
                 hit = index[key]
             if hit is None:
-                missing(child, _join(path, names), depth + max(1, len(names)))
+                missing(child, _join(path, names), depth + max(1, len(names)), in_node)
             else:
                 used.add(key)
-                walk(hit[1], child, _join(path, hit[0]), depth + max(1, len(hit[0])))
+                walk(hit[1], child, _join(path, hit[0]), depth + max(1, len(hit[0])), in_node)
         for key, names, child in entries:
             if key not in used:
                 extra(child, _join(path, names))
 
-    walk(record, target, prefix, 0)
+    walk(record, target, prefix, 0, False)
     return pairs, unexpected
 
 
@@ -1040,6 +1084,10 @@ def validate(record: Any, path: str = "") -> dict[str, Any]:
             continue
         if kind == "none":
             continue
+        if kind == FROM_TARGET:
+            if not isinstance(rec.get("pytype"), str):
+                raise _fail(where, f"a {FROM_TARGET} node needs a 'pytype' string")
+            continue
         for child, child_path, n_names in _container_entries(rec, where):
             stack.append((child, child_path, depth + max(1, n_names)))
     return record
@@ -1069,5 +1117,5 @@ def validate_node(record: Any, path: str = "") -> None:
     needs of each container it walks through on the way to one leaf."""
     if not isinstance(record, dict):
         raise _fail(path, f"a node must be an object, found {_type_name(record)}")
-    if record.get("type") not in ("leaf", "none"):
+    if record.get("type") not in ("leaf", "none", FROM_TARGET):
         _container_entries(record, path)

@@ -226,12 +226,13 @@ class _View:
         return [_leaf_info(r) for r in _tree.iter_leaf_records(self._checked())]
 
     def tree(self) -> dict[str, Any] | LeafInfo | None:
-        """The saved structure with a :class:`LeafInfo` (shape, dtype, chunks, ...) per leaf."""
+        """The saved structure with a :class:`LeafInfo` (shape, dtype, chunks, ...) per leaf
+        (``None`` for ``None`` and for what a load takes from its target: functions, ...)."""
 
         def build(rec: dict[str, Any]) -> Any:
             if rec["type"] == "leaf":
                 return _leaf_info(rec)
-            if rec["type"] == "none":
+            if rec["type"] in ("none", _tree.FROM_TARGET):
                 return None
             return {label: build(c) for label, _, c in _tree.labelled_children(rec)}
 
