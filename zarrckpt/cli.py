@@ -8,8 +8,8 @@
     zarrckpt cat URL PATH [--slice 0:10,::2] a leaf's values (--json: a nested list)
     zarrckpt verify URL [--step N | --all]   read every chunk of every leaf, checking its crc32c
     zarrckpt diff URL[@N] URL[@N]            added / removed / changed leaves between two steps
-    zarrckpt gc URL [--dry-run]              delete the debris of crashed or interrupted saves
-    zarrckpt cp SRC DST [--step N]           copy steps from any URL to any URL, verified
+    zarrckpt gc URL [--dry-run]              delete what interrupted saves left, abandoned spares
+    zarrckpt cp SRC DST [--step N]           copy steps from any URL to any URL, byte for byte
     zarrckpt convert OLD.bp DST              a BrainPy / braintools msgpack file -> a new step
 
 Every command takes ``--json`` (one JSON document on stdout) and ``-o KEY=VALUE`` fsspec
@@ -33,31 +33,33 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec.core
-import google_crc32c
-import numpy as np
+from . import __version__
+from .errors import (
+    AlreadyExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ZarrCkptError,
+)
 
-from . import __version__, _tree
-from ._commit import collect_garbage, find_garbage, read_manifest
-from ._engine import read_leaves, read_selections
-from ._format import ArrayLayout, parse_codec
-from ._indexing import normalize
-from ._manifest import METADATA_MAX_BYTES, parse_json, parse_step_dir
-from ._read import OPEN_ATTEMPTS, OpenStep, check_alive, fetch, open_step
-from ._repr import human
-from ._storage import Storage, open_storage
-from ._sync import run
-from .api import load_pytree, save_pytree
-from .checkpoint import Checkpoint, LazyArray, LeafInfo
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, ZarrCkptError
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ._format import ArrayLayout
+    from ._read import OpenStep
+    from ._storage import Storage
+    from .checkpoint import Checkpoint, LazyArray, LeafInfo
+
+# Commands import what they use when they run: ``ls`` reads two small JSON documents and
+# should not pay for NumPy, zarr or ml_dtypes (issue 17: ``zarrckpt ls`` within 0.3 s).
 
 __all__ = ["main"]
 
-#: Bytes held in memory at once by ``verify``, ``diff`` and the checks of ``cp``; a leaf
+#: Bytes held in memory at once by ``verify`` and ``diff``; a leaf
 #: bigger than this is read in slabs of whole chunks.
 BATCH_BYTES = 256 * 1024 * 1024
 
@@ -78,9 +80,17 @@ def _shape(shape: Sequence[int]) -> str:
     return "×".join(map(str, shape)) or "scalar"
 
 
+def _protocol(url: str) -> str | None:
+    """``url``'s protocol as fsspec reads it (``fsspec.core.split_protocol``, without
+    importing fsspec): ``s3`` of ``s3://b/k``, ``simplecache::s3`` of a chained URL."""
+    protocol, sep, _ = url.partition("://")
+    if sep and len(protocol) > 1:  # C://... is a Windows path
+        return protocol
+    return "data" if url.startswith("data:") else None
+
+
 def _is_remote(url: str) -> bool:
-    protocol, _ = fsspec.core.split_protocol(url)
-    return protocol not in (None, "file", "local")
+    return _protocol(url) not in (None, "file", "local")
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -124,6 +134,8 @@ def _leaves(n: int) -> str:
 
 
 def _open(args: argparse.Namespace, url: str, step: int | None, side: str = "") -> OpenStep:
+    from ._read import open_step
+
     opened = open_step(url, step, _options(args, url, side))
     if opened is None:
         raise CheckpointNotFoundError(f"no checkpoint at {url}")
@@ -131,10 +143,14 @@ def _open(args: argparse.Namespace, url: str, step: int | None, side: str = "") 
 
 
 def _leaf_records(opened: OpenStep) -> list[dict[str, Any]]:
+    from . import _tree
+
     return list(_tree.iter_leaf_records(opened.record))
 
 
 def _layouts(records: list[dict[str, Any]]) -> dict[str, ArrayLayout]:
+    from ._format import ArrayLayout
+
     return {rec["path"]: ArrayLayout.from_json(rec, f"leaf {rec['path']!r}") for rec in records}
 
 
@@ -178,6 +194,10 @@ def _read_pieces(
     progress: Callable[[int], None],
 ) -> dict[Piece, np.ndarray]:  # fmt: skip
     """The values of ``pieces`` (every chunk checksummed on the way)."""
+    from ._engine import read_leaves, read_selections
+    from ._indexing import normalize
+    from ._read import fetch
+
     whole = {path: layouts[path] for path, region in pieces if region is None}
     parts = {
         path: (layouts[path], normalize(tuple(slice(*r) for r in region), layouts[path].shape))
@@ -226,6 +246,8 @@ async def _check_zarr_jsons(
     document the record implies, whole (``dims``: the record's dimension names per leaf)."""
     import asyncio
 
+    from ._manifest import METADATA_MAX_BYTES, parse_json
+
     limit = asyncio.Semaphore(64)
     errors: dict[str, str] = {}
 
@@ -250,6 +272,11 @@ async def _check_zarr_jsons(
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    from ._commit import read_manifest
+    from ._repr import human
+    from ._storage import open_storage
+    from ._sync import run
+
     storage = open_storage(args.url, _options(args, args.url), read_only=True)
     if storage.is_file():
         raise CorruptCheckpointError(
@@ -259,7 +286,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     manifest = run(read_manifest(storage))
     if manifest is None:
         raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
-    steps = [
+    steps: list[dict[str, Any]] = [
         {"step": s.step, "time": _iso(s.time), "leaves": s.leaves, "nbytes": s.nbytes, "dir": s.dir}
         for s in manifest.steps
     ]
@@ -279,27 +306,120 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 # --- tree / info / cat ----------------------------------------------------------------------------
 
 
-def _leaf_json(info: Any) -> dict[str, Any]:
-    return {
+def _leaf_json(info: Any, rec: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A leaf as ``--json`` shows it: its layout, and its value (``str``, ``bytes`` and
+    Python scalars, see :func:`_small_values`) or unit (a Quantity) where it has one."""
+    doc = {
         "path": info.path, "shape": list(info.shape), "dtype": str(info.dtype),
         "nbytes": info.nbytes, "chunks": list(info.chunks), "codec": info.codec, "kind": info.kind,
     }  # fmt: skip
+    if info.path in values:
+        doc["value"] = _json_value(values[info.path])
+    if rec.get("kind") == "quantity":
+        doc["unit"] = _unit_text(rec.get("unit"))
+    return doc
+
+
+#: Leaf kinds that ``tree`` and ``info`` show by their value, not by how they are stored
+#: (a ``str`` is a uint8 array of its UTF-8 bytes)
+_VALUE_KINDS = ("str", "bytes", "py")
+#: ... when they hold at most this many bytes (a longer text is shown by its size)
+_VALUE_BYTES = 4096
+#: Characters of a value shown on a line
+_VALUE_CHARS = 60
+#: SI base units, in the order of a brainunit dimension (``_leaves._unit_record``'s ``dim``)
+_SI = ("m", "kg", "s", "A", "K", "mol", "cd")
+
+
+def _small_values(opened: OpenStep, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Leaf path -> value of the ``str``, ``bytes`` and Python-scalar leaves among
+    ``records`` that hold at most ``_VALUE_BYTES`` (read at once, checksummed)."""
+    from . import _leaves
+
+    wanted = [r for r in records if r.get("kind") in _VALUE_KINDS]
+    layouts = {p: lay for p, lay in _layouts(wanted).items() if lay.nbytes <= _VALUE_BYTES}
+    if not layouts:
+        return {}
+    got = _read_pieces(opened, layouts, [(p, None) for p in layouts], lambda n: None)
+    out: dict[str, Any] = {}
+    for rec in wanted:
+        array = got.get((rec["path"], None))
+        if array is None:
+            continue
+        if rec["kind"] == "str":  # a stranger's bytes: shown, never refused
+            out[rec["path"]] = array.tobytes().decode("utf-8", errors="replace")
+        else:
+            out[rec["path"]] = _leaves.decode(rec, array)
+    return out
+
+
+def _value_text(rec: dict[str, Any], values: dict[str, Any], nbytes: int) -> str:
+    """A ``str``/``bytes``/Python-scalar leaf as one line: ``'run-a'  [str]``."""
+    kind = rec.get("pytype", rec["kind"]) if rec["kind"] == "py" else rec["kind"]
+    return f"{_value_repr(rec, values, nbytes)}  [{kind}]"
+
+
+def _value_repr(rec: dict[str, Any], values: dict[str, Any], nbytes: int) -> str:
+    if rec["path"] not in values:  # too long to show
+        from ._repr import human
+
+        return f"({human(nbytes)} of {'text' if rec['kind'] == 'str' else rec['kind']})"
+    text = repr(values[rec["path"]])
+    return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 1] + "…"
+
+
+def _unit_text(unit: Any) -> str:
+    """A recorded brainunit unit (``_leaves._unit_record``) as text: its display name, or
+    else its scale and SI dimensions (``10^-3 m^2 kg``); ``1`` for a dimensionless one."""
+    if not isinstance(unit, dict):
+        return "?"
+    for name in ("dispname", "name"):
+        if isinstance(unit.get(name), str) and unit[name]:
+            return unit[name]
+    parts = []
+    scale, factor = unit.get("scale"), unit.get("factor")
+    if isinstance(factor, (int, float)) and factor != 1:
+        parts.append(f"{factor:g}")
+    if isinstance(scale, int) and scale:
+        parts.append(f"10^{scale}")
+    dims = unit.get("dim")
+    for symbol, power in zip(_SI, dims if isinstance(dims, list) else [], strict=False):
+        if isinstance(power, (int, float)) and power:
+            parts.append(symbol if power == 1 else f"{symbol}^{power:g}")
+    return " ".join(parts) or "1"
+
+
+def _kind_text(rec: dict[str, Any]) -> str:
+    """The ``[kind]`` tag of an array leaf (none for plain NumPy and JAX arrays)."""
+    kind = rec.get("kind", "ndarray")
+    if kind in ("ndarray", "jax"):
+        return ""
+    if kind == "quantity":
+        return f"  [quantity {_unit_text(rec.get('unit'))}]"
+    return f"  [{kind}]"
 
 
 def _node(args: argparse.Namespace) -> tuple[OpenStep, Checkpoint, Any]:
     """(the open step, its checkpoint view, the view or lazy array at ``args.path``)."""
+    from .checkpoint import Checkpoint
+
     opened = _open(args, args.url, args.step)
     ckpt = Checkpoint(opened)
     return opened, ckpt, (ckpt[args.path] if args.path else ckpt)
 
 
 def _leaf_info(opened: OpenStep, array: LazyArray) -> LeafInfo:
+    from .checkpoint import LeafInfo
+
     rec = next(r for r in _leaf_records(opened) if r["path"] == array.path)
     kind = rec.get("kind", "ndarray")
     return LeafInfo(array.path, array.shape, array.dtype, array.chunks, array.codec, kind)
 
 
 def _cmd_tree(args: argparse.Namespace) -> int:
+    from ._repr import human
+    from .checkpoint import LazyArray
+
     opened, ckpt, node = _node(args)
     if isinstance(node, LazyArray):
         leaves = [_leaf_info(opened, node)]
@@ -307,6 +427,9 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     else:
         leaves = node.leaves()
         tree = node.tree()
+    shown = {leaf.path for leaf in leaves}
+    records = {r["path"]: r for r in _leaf_records(opened) if r["path"] in shown}
+    values = _small_values(opened, list(records.values()))
     if args.json:
 
         def paths(sub: Any, prefix: str) -> Any:
@@ -317,7 +440,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         _print_json({
             "location": ckpt.location, "step": ckpt.step, "path": args.path or "",
             "tree": paths(tree, "") if isinstance(tree, dict) else tree,
-            "leaves": [_leaf_json(leaf) for leaf in leaves],
+            "leaves": [_leaf_json(leaf, records[leaf.path], values) for leaf in leaves],
         })  # fmt: skip
         return 0
     title = ckpt.location + (f" :: {args.path}" if args.path else "")
@@ -344,11 +467,13 @@ def _cmd_tree(args: argparse.Namespace) -> int:
             print(name)
         elif isinstance(leaf, str):
             print(f"{name:<{width}}  {leaf}")
+        elif records[leaf.path].get("kind") in _VALUE_KINDS:
+            print(f"{name:<{width}}  {_value_text(records[leaf.path], values, leaf.nbytes)}")
         else:
-            kind = "" if leaf.kind in ("ndarray", "jax") else f"  [{leaf.kind}]"
             print(
                 f"{name:<{width}}  {_shape(leaf.shape):>12} {leaf.dtype!s:<9} "
-                f"{human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}{kind}"
+                f"{human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}"
+                f"{_kind_text(records[leaf.path])}"
             )
     return 0
 
@@ -370,13 +495,23 @@ def _totals(leaves: list[Any]) -> dict[str, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from ._repr import human
+    from .checkpoint import LazyArray
+
     opened, ckpt, node = _node(args)
     doc: dict[str, Any] = {"location": ckpt.location, "step": ckpt.step}
     if not args.path:
         doc.update(time=_iso(opened.info.time), steps=opened.manifest.step_numbers)
+    hidden: set[str] = set()  # what the text leaves out (the JSON has it)
+    value_text = ""
     if isinstance(node, LazyArray):
-        doc.update(_leaf_json(_leaf_info(opened, node)))
+        rec = next(r for r in _leaf_records(opened) if r["path"] == node.path)
+        values = _small_values(opened, [rec])
+        doc.update(_leaf_json(_leaf_info(opened, node), rec, values))
         doc["nchunks"] = _totals([_leaf_info(opened, node)])["nchunks"]
+        if rec.get("kind") in _VALUE_KINDS:  # shown by its value, not as a uint8 array
+            hidden = {"shape", "dtype"}
+            value_text = _value_repr(rec, values, node.nbytes)
         if args.stats:
             doc["stats"] = node.stats()
     else:
@@ -387,7 +522,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         _print_json(doc)
         return 0
     for key, value in doc.items():
-        if key == "nbytes":
+        if key in hidden:
+            continue
+        if key == "value":
+            value = value_text
+        elif key == "nbytes":
             value = f"{value} ({human(value)})"
         elif key in ("shape", "chunks"):
             value = _shape(value)
@@ -431,6 +570,8 @@ def _finite(x: float) -> Any:
 
 def _json_array(array: np.ndarray) -> Any:
     """A nested list; complex numbers as [re, im]; nan/inf as strings (JSON has none)."""
+    import numpy as np
+
     if array.dtype.kind not in "biufc":  # ml_dtypes: bfloat16, float8_*, int4, ...
         array = array.astype(np.int64 if "int" in array.dtype.name else np.float64)
     if array.dtype.kind == "c":
@@ -446,20 +587,28 @@ def _json_array(array: np.ndarray) -> Any:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, np.generic)):
-        return _json_array(np.asarray(value))
     if isinstance(value, bytes):
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, complex):
         return [_finite(value.real), _finite(value.imag)]
     if isinstance(value, float):
         return _finite(value)
+    if isinstance(value, (str, int)):  # bool too
+        return value
+    import numpy as np
+
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _json_array(np.asarray(value))
     if hasattr(value, "mantissa") and hasattr(value, "unit"):  # a brainunit Quantity
         return {"mantissa": _json_value(np.asarray(value.mantissa)), "unit": str(value.unit)}
     return value
 
 
 def _cmd_cat(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import LazyArray
+
     selection = parse_slice(args.slice) if args.slice is not None else None
     _, _, node = _node(args)
     if not isinstance(node, LazyArray):
@@ -513,6 +662,8 @@ def verify_step(storage: Storage, step: int, progress: Callable[[int], None]) ->
     ``dropped``, never as damaged: every read is confirmed afterwards (``_read.fetch``), and
     damage is reported only of a step that the newest manifest still lists.
     """
+    from ._read import check_alive, fetch, open_step
+
     check = _StepCheck(step)
     try:
         opened = open_step(storage, step)
@@ -545,6 +696,10 @@ def verify_step(storage: Storage, step: int, progress: Callable[[int], None]) ->
 
 def _verify_latest(storage: Storage, progress: Callable[[int], None]) -> _StepCheck:
     """Verify the latest step; if a newer commit drops it meanwhile, the newer latest."""
+    from ._commit import read_manifest
+    from ._read import OPEN_ATTEMPTS
+    from ._sync import run
+
     for _ in range(OPEN_ATTEMPTS):
         manifest = run(read_manifest(storage))
         if manifest is None or not manifest.steps:
@@ -560,6 +715,11 @@ def _verify_latest(storage: Storage, progress: Callable[[int], None]) -> _StepCh
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from ._commit import read_manifest
+    from ._repr import human
+    from ._storage import open_storage
+    from ._sync import run
+
     storage = open_storage(args.url, _options(args, args.url), read_only=True)
     manifest = run(read_manifest(storage))
     if manifest is None or not manifest.steps:
@@ -638,6 +798,8 @@ class _Change:
 
 def _compare(a: np.ndarray, b: np.ndarray, change: _Change) -> None:
     """Accumulate the element differences of two same-shape, same-dtype pieces."""
+    import numpy as np
+
     if a.reshape(-1).view(np.uint8).tobytes() == b.reshape(-1).view(np.uint8).tobytes():
         return
     if "values" not in change.reasons:
@@ -750,94 +912,97 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 # --- gc -----------------------------------------------------------------------------------------
 
 
+def _garbage_kind(name: str) -> tuple[str, str]:
+    """(short kind, what it is) of a name ``find_garbage`` found, for ``gc``'s report."""
+    from ._manifest import SPARE_PREFIX, TRASH_PREFIX, parse_step_dir
+
+    if name.startswith(TRASH_PREFIX):
+        return "trash", "a directory whose deletion was interrupted"
+    if name.startswith(SPARE_PREFIX):
+        return "spare", "an abandoned spare: the process that kept it for recycling has exited"
+    parsed = parse_step_dir(name)
+    if parsed is not None and parsed[2]:
+        return "temporary", "a save's temporary directory, never committed"
+    return "step", "a step directory no manifest lists and no writer holds (an unfinished save)"
+
+
 def _cmd_gc(args: argparse.Namespace) -> int:
+    from ._commit import collect_garbage, find_garbage, read_manifest
+    from ._storage import open_storage
+    from ._sync import run
+
     storage = open_storage(args.url, _options(args, args.url), read_only=args.dry_run)
     if storage.is_file():
         raise CorruptCheckpointError(f"{storage.url} is a file, not a zarrckpt checkpoint")
     manifest = run(read_manifest(storage))  # refuses a damaged manifest before deleting
-    debris = run(find_garbage(storage))
-    if manifest is None and not debris:
+    garbage = run(find_garbage(storage))
+    if manifest is None and not garbage:
         raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
-    if not args.dry_run and debris:
-        debris = sorted(run(collect_garbage(storage)))
+    if not args.dry_run and garbage:
+        garbage = sorted(run(collect_garbage(storage)))
     if args.json:
-        _print_json({"url": storage.url, "dry_run": args.dry_run, "debris": debris})
+        items = [{"name": n, "kind": _garbage_kind(n)[0]} for n in garbage]
+        _print_json({"url": storage.url, "dry_run": args.dry_run, "garbage": items})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    for name in debris:
-        print(f"{verb} {storage.describe(name)}")
-    print(f"{storage.url}: {verb} {len(debris)} item{'s' * (len(debris) != 1)}")
+    for name in garbage:
+        print(f"{verb} {storage.describe(name)}: {_garbage_kind(name)[1]}")
+    print(f"{storage.url}: {verb} {len(garbage)} item{'s' * (len(garbage) != 1)}")
     return 0
 
 
 # --- cp -----------------------------------------------------------------------------------------
 
 
-def _digest(tree: Any) -> dict[str, tuple[str, Any]]:
-    """Leaf path -> (type, crc32c of the bytes or the value itself), for checking a copy."""
-    out: dict[str, tuple[str, Any]] = {}
-
-    def visit(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                visit(v, f"{path}/{k}")
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                visit(v, f"{path}/{i}")
-        elif hasattr(node, "mantissa") and hasattr(node, "unit"):
-            out[path] = ("quantity " + repr(node.unit), _array_digest(np.asarray(node.mantissa)))
-        elif isinstance(node, (np.ndarray, np.generic)):
-            out[path] = (type(node).__name__, _array_digest(np.asarray(node)))
-        else:  # repr: a float nan equals itself, -0.0 differs from 0.0
-            out[path] = (type(node).__name__, repr(node))
-
-    visit(tree, "")
-    return out
-
-
-def _array_digest(array: np.ndarray) -> tuple[str, tuple[int, ...], int]:
-    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return str(array.dtype), array.shape, google_crc32c.value(data)
-
-
 def _cmd_cp(args: argparse.Namespace) -> int:
+    from ._commit import read_manifest
+    from ._copy import copy_step
+    from ._repr import human
+    from ._storage import open_storage
+    from ._sync import run
+
     src_opts, dst_opts = _options(args, args.src, "src"), _options(args, args.dst, "dst")
-    storage = open_storage(args.src, src_opts, read_only=True)
-    manifest = run(read_manifest(storage))
+    src = open_storage(args.src, src_opts, read_only=True)
+    if src.is_file():
+        raise CorruptCheckpointError(f"{src.url} is a file, not a zarrckpt checkpoint")
+    manifest = run(read_manifest(src))
     if manifest is None or not manifest.steps:
-        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
+        raise CheckpointNotFoundError(f"no checkpoint at {src.url}")
     if args.step is not None and manifest.get(args.step) is None:
         raise CheckpointNotFoundError(
-            f"step {args.step} is not committed at {storage.url}; committed steps: "
+            f"step {args.step} is not committed at {src.url}; committed steps: "
             f"{manifest.step_numbers}"
         )
-    steps = [args.step] if args.step is not None else manifest.step_numbers
-    verbose = _progress(args)
-    copied = []
-    for step in steps:
-        with contextlib.redirect_stdout(sys.stderr):  # summaries of verbose loads/saves
-            tree = load_pytree(args.src, step=step, storage_options=src_opts, verbose=verbose)
-            expected = _digest(tree)
-            location = save_pytree(
-                args.dst, tree, overwrite=args.overwrite, verbose=verbose, step=step, keep=None,
-                storage_options=dst_opts, chunk_bytes=args.chunk_bytes, codec=args.codec,
-            )  # fmt: skip
-            del tree
-            if not args.no_verify:
-                found = _digest(load_pytree(args.dst, step=step, storage_options=dst_opts))
-                if found != expected:
-                    bad = sorted(set(found.items()) ^ set(expected.items()), key=str)[:5]
-                    raise CorruptCheckpointError(
-                        f"the copy of step {step} at {location} does not match its source: "
-                        + ", ".join(str(p) for p, _ in bad)
-                    )
-        copied.append({"step": step, "location": location, "leaves": len(expected)})
-        if not args.json:
-            print(f"step {step} -> {location} ({len(expected)} leaves)")
-    if args.json:
-        _print_json(
-            {"src": args.src, "dst": args.dst, "verified": not args.no_verify, "steps": copied}
+    infos = [s for s in manifest.steps if args.step is None or s.step == args.step]
+    dst = open_storage(args.dst, dst_opts)
+    if dst.is_file():
+        raise AlreadyExistsError(
+            f"{dst.url} is an existing file; the destination of a copy is a checkpoint root "
+            "(a directory)"
         )
+    if _protocol(args.dst) == "memory":
+        _warn(
+            f"{dst.url} lives in the memory of this process: the copy vanishes when zarrckpt exits"
+        )
+    copied = []
+    for info in infos:
+        with _bar(args, info.nbytes, f"cp step {info.step}") as bar:
+            done = copy_step(
+                src, info.step, dst, overwrite=args.overwrite, verify=not args.no_verify,
+                progress=bar.update, codec=args.codec, chunk_bytes=args.chunk_bytes,
+            )  # fmt: skip
+        copied.append({
+            "step": done.step, "location": done.location, "leaves": done.leaves,
+            "nbytes": done.nbytes, "files": done.files,
+        })  # fmt: skip
+        if not args.json:
+            size = f"{_leaves(done.leaves)}, {human(done.nbytes)}"
+            print(f"step {done.step} -> {done.location} ({size})")
+    if args.json:
+        _print_json({
+            "src": src.url, "dst": dst.url, "verified": not args.no_verify,
+            "reencoded": args.codec is not None or args.chunk_bytes is not None, "steps": copied,
+        })  # fmt: skip
     return 0
 
 
@@ -845,9 +1010,21 @@ def _cmd_cp(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from ._commit import read_manifest
     from ._convert import read_msgpack
+    from ._copy import check_destination
+    from ._manifest import parse_step_dir
+    from ._repr import human
+    from ._storage import open_storage
+    from ._sync import run
+    from .api import save_pytree
 
     dst_opts = _options(args, args.dst, "dst")
+    if args.step is not None:  # refused before the file is read, in the CLI's words
+        dst = open_storage(args.dst, dst_opts, read_only=True)
+        found = run(read_manifest(dst)) if not dst.is_file() else None
+        if found is not None:
+            check_destination(dst.url, found, args.step, args.overwrite)
     tree = read_msgpack(
         args.src, quantities=not args.no_quantities, storage_options=_options(args, args.src, "src")
     )
@@ -877,6 +1054,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _codec(text: str) -> str:
+    from ._format import parse_codec
+
     try:
         return parse_codec(text)
     except ValueError as exc:
@@ -949,14 +1128,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="URL[@STEP]")
     p.add_argument("b", metavar="URL[@STEP]")
     p.add_argument("--exit-code", action="store_true", help="exit 1 if the steps differ")
-    p = command("gc", _cmd_gc, "delete the debris of crashed or interrupted saves")
+    p = command(
+        "gc", _cmd_gc,
+        "delete what crashed or interrupted saves left behind, and spares whose process has "
+        "exited (a live process's spare and a step being written are never touched)",
+    )  # fmt: skip
     p.add_argument("url")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
-    p = command("cp", _cmd_cp, "copy committed steps to another checkpoint root", two, writing)
+    p = command(
+        "cp", _cmd_cp,
+        "copy committed steps to another checkpoint root, byte for byte (same step numbers, "
+        "chunking, dimension names, leaf kinds and record; each chunk's crc32c checked); "
+        "--codec or --chunk-bytes re-encode the copy instead",
+        two, writing,
+    )  # fmt: skip
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--step", type=int, help="copy this step only (default: every step)")
-    p.add_argument("--no-verify", action="store_true", help="do not read the copy back")
+    p.add_argument(
+        "--no-verify", action="store_true",
+        help="do not read the copy back before committing it (chunks are still checked as read)",
+    )  # fmt: skip
     p = command(
         "convert", _cmd_convert, "a BrainPy/braintools msgpack (.bp) file -> a step", two, writing
     )
@@ -978,12 +1170,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _warn(text: str) -> None:
+    print(f"zarrckpt: warning: {' '.join(text.split())}", file=sys.stderr)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int,
+    file: Any = None, line: str | None = None,
+) -> None:  # fmt: skip
+    """Python warnings, as the CLI's one line (``zarrckpt: warning: ...``), never with the
+    source path and line of whichever library raised them."""
+    _warn(str(message))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except BrokenPipeError:
         return _broken_pipe()
     except (ZarrCkptError, UsageError, OSError, KeyError, ImportError) as exc:
