@@ -127,6 +127,7 @@ def _finish_at_exit() -> None:
         print("zarrckpt: interrupted; not waiting for the background save", file=sys.stderr)
 
 
+# private CPython API (3.9+), absent from typeshed's threading stub
 threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
 
 

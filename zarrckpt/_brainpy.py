@@ -514,8 +514,9 @@ def _flat(tree: Any, prefix: Path = (), *, saved: bool = False) -> dict[Path, An
         return out
     if saved:
         return {prefix: tree}
-    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
-        return _flat(dict(zip(type(tree)._fields, tree, strict=True)), prefix)
+    cls = type(tree)
+    if isinstance(tree, tuple) and hasattr(cls, "_fields"):
+        return _flat(dict(zip(cls._fields, tree, strict=True)), prefix)
     if isinstance(tree, (list, tuple)):
         return _flat({str(i): v for i, v in enumerate(tree)}, prefix)
     return {prefix: tree}
@@ -524,7 +525,7 @@ def _flat(tree: Any, prefix: Path = (), *, saved: bool = False) -> dict[Path, An
 def _unwrap(value: Any) -> Any:
     """The array inside a BrainPy ``Variable``/``Array`` or a brainstate ``State``."""
     for module, name in (("brainpy.math", "Array"), ("brainstate", "State")):
-        cls = getattr(sys.modules.get(module), name, None)
+        cls: type[Any] | None = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(value, cls):
             return value.value
     return value

@@ -51,7 +51,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import google_crc32c
@@ -316,7 +316,7 @@ class Group:
         keep: int | None,
         record: bytes,
         prepare: Callable[[bytes | None], Awaitable[frozenset[str]]],
-        write: Callable[[bool, frozenset[str]], Awaitable[None]],
+        write: Callable[[bool, frozenset[str]], Coroutine[Any, Any, None]],
         recycle: bool,
     ) -> Exception | None:
         """Steps 3-5. ``prepare(old)`` readies process 0's recycled directory (``old`` as in
@@ -340,7 +340,7 @@ class Group:
         self, storage: Storage, base: Manifest | None, token: Any, info: StepInfo,
         keep: int | None, record: bytes,
         prepare: Callable[[bytes | None], Awaitable[frozenset[str]]],
-        write: Callable[[bool, frozenset[str]], Awaitable[None]], recycle: bool,
+        write: Callable[[bool, frozenset[str]], Coroutine[Any, Any, None]], recycle: bool,
     ) -> Exception | None:  # fmt: skip
         assert base is not None
 
@@ -362,7 +362,7 @@ class Group:
         return collect_error
 
     def _follow(
-        self, storage: Storage, write: Callable[[bool, frozenset[str]], Awaitable[None]],
+        self, storage: Storage, write: Callable[[bool, frozenset[str]], Coroutine[Any, Any, None]],
         info: StepInfo,
     ) -> None:  # fmt: skip
         self.wait("begun", "process 0's lease on the step directory", self.timeout_s)

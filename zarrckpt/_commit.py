@@ -104,6 +104,7 @@ import asyncio
 import contextlib
 import warnings
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
@@ -244,8 +245,8 @@ async def _not_abandoned(coro: Awaitable[Any]) -> Any:
 
 async def find_garbage(
     storage: Storage,
-    dropped: set[str] = frozenset(),  # type: ignore[assignment]
-    live: set[str] = frozenset(),  # type: ignore[assignment]
+    dropped: AbstractSet[str] = frozenset(),
+    live: AbstractSet[str] = frozenset(),
 ) -> list[str]:
     """What step 6 collects, read-only: ``dropped`` step directories and debris.
 
@@ -254,7 +255,8 @@ async def find_garbage(
     lease checks, does not list it; so are spares whose owning process is gone.
     """
     names = await storage.list_dir("")
-    dead, candidates = [], []
+    dead: list[str] = []
+    candidates: list[str] = []
     for name in names:
         if name.startswith(TRASH_PREFIX):  # claimed for deletion by a collector that died
             dead.append(name)
@@ -276,8 +278,8 @@ async def find_garbage(
 
 async def collect_garbage(
     storage: Storage,
-    dropped: set[str] = frozenset(),  # type: ignore[assignment]
-    live: set[str] = frozenset(),  # type: ignore[assignment]
+    dropped: AbstractSet[str] = frozenset(),
+    live: AbstractSet[str] = frozenset(),
     recycle: bool = False,
 ) -> list[str]:
     """Step 6: delete what :func:`find_garbage` finds; returns the deleted names. With

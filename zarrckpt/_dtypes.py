@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import ml_dtypes
 import numpy as np
 from zarr.dtype import ZDType, data_type_registry
 
-try:  # public since zarr 3.2 (zarr 3.4 deprecates the zarr.core and zarr.dtype spellings)
-    from zarr.errors import DataTypeValidationError
-except ImportError:  # zarr 3.1
+if TYPE_CHECKING:  # the one class, whichever module a release names it in
     from zarr.dtype import DataTypeValidationError
+else:
+    try:  # public since zarr 3.2 (zarr 3.4 deprecates the zarr.core and zarr.dtype spellings)
+        from zarr.errors import DataTypeValidationError
+    except ImportError:  # zarr 3.1
+        from zarr.dtype import DataTypeValidationError
 
 # No public path in any zarr release yet: the mix-ins a fixed-size, byte-ordered dtype needs.
 from zarr.core.dtype.common import HasEndianness, HasItemSize
@@ -84,14 +87,14 @@ def fill_value_json(dtype: np.dtype) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _MLDType(ZDType[np.dtype, np.generic], HasItemSize):  # type: ignore[type-var]
+class _MLDType(ZDType[np.dtype, np.generic], HasItemSize):
     """A zarr-python data type wrapping one ml_dtypes type (subclassed once per type)."""
 
     _zarr_v3_name: ClassVar[str]
     _native: ClassVar[np.dtype]
 
     @classmethod
-    def _check_native_dtype(cls, dtype: Any) -> bool:
+    def _check_native_dtype(cls, dtype: Any) -> TypeGuard[np.dtype]:
         return isinstance(dtype, np.dtype) and dtype == cls._native
 
     @classmethod

@@ -146,9 +146,9 @@ async def _gather_bounded(jobs: Iterable[Callable[[], Any]], limit: int) -> None
     pending: set[asyncio.Task[Any]] = set()
 
     def check(done: set[asyncio.Task[Any]]) -> None:
-        errors = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        errors = [e for t in done if not t.cancelled() and (e := t.exception())]
         if errors:
-            raise errors[0]  # type: ignore[misc]
+            raise errors[0]
 
     try:
         for job in jobs:
@@ -266,6 +266,9 @@ async def write_step(
     ) -> Callable[[], list[Any]]:
         return lambda: layout.encode_at(array, idx)
 
+    def encoded(data: bytes) -> Callable[[], list[Any]]:
+        return lambda: [data]
+
     def chunks(
         leaf: LeafData, report: bool = True
     ) -> Iterator[tuple[str, ArrayLayout, np.ndarray, tuple[int, ...]]]:
@@ -303,7 +306,7 @@ async def write_step(
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
             skip_meta = not primary or f"{leaf.path}/zarr.json" in unchanged
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:
-                items = [] if skip_meta else [(meta_key, lambda meta=meta: [meta])]
+                items = [] if skip_meta else [(meta_key, encoded(meta))]
                 items += [
                     (key, encoder(lay, array, idx))
                     for key, lay, array, idx in chunks(leaf, report=False)
@@ -372,7 +375,7 @@ async def read_selections(
     ) -> Callable[[], Any]:
         def read() -> None:
             where = f"leaf {path!r} ({storage.describe(key)})"
-            layout.read_raw_into(storage.read_into, key, dest, where)  # type: ignore[attr-defined]
+            layout.read_raw_into(storage.read_into, key, dest, where)
 
         async def job() -> None:
             await asyncio.get_running_loop().run_in_executor(None, read)

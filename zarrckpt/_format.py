@@ -478,7 +478,7 @@ class ArrayLayout:
                     )
                 return bytes(numcodecs.Zstd().decode(payload))  # allocates what it declares
             stream = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip, one member
-            raw = stream.decompress(payload, self.chunk_nbytes + 1)
+            raw = stream.decompress(payload.data, self.chunk_nbytes + 1)
             if len(raw) <= self.chunk_nbytes and (not stream.eof or stream.unused_data):
                 raise CorruptCheckpointError(
                     f"{where}: cannot decompress (the gzip stream is truncated or followed "

@@ -20,7 +20,7 @@ import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import xxhash
@@ -43,12 +43,12 @@ def chunk_hashes(layout: ArrayLayout, array: np.ndarray) -> list[str]:
     if not layout.nbytes:
         return []
     return [
-        xxhash.xxh3_128_hexdigest(layout.chunk_data(array, idx).reshape(-1).view(np.uint8))
+        xxhash.xxh3_128_hexdigest(layout.chunk_data(array, idx).reshape(-1).view(np.uint8).data)
         for idx in layout.chunk_ids()
     ]
 
 
-def _usable(hashes: Any, layout: ArrayLayout) -> bool:
+def _usable(hashes: Any, layout: ArrayLayout) -> TypeGuard[list[str]]:
     """Whether a record's hash list fits its layout (else nothing of the leaf is reused)."""
     return (
         isinstance(hashes, list)
@@ -74,8 +74,12 @@ def known_hashes(value: Any, layout: ArrayLayout) -> list[str] | None:
 def remember(value: Any, layout: ArrayLayout, hashes: list[str]) -> None:
     """Keep ``value``'s hashes while it lives (only for immutable arrays: ``jax.Array``)."""
     key = id(value)
+
+    def forget(_: weakref.ref[Any]) -> None:
+        _known.pop(key, None)
+
     try:
-        ref = weakref.ref(value, lambda _, key=key: _known.pop(key, None))
+        ref = weakref.ref(value, forget)
     except TypeError:
         return
     _known[key] = (ref, layout, hashes)
@@ -105,7 +109,7 @@ class Previous:
             if data is None:
                 return None
             tree = _tree.validate(parse_step_record(data, info, storage.describe(info.dir)))
-            leaves = {}
+            leaves: dict[str, tuple[ArrayLayout, Any, list[str]]] = {}
             for rec in _tree.iter_leaf_records(tree):
                 layout, hashes = ArrayLayout.from_json(rec), rec.get(HASH_FIELD)
                 if _usable(hashes, layout):

@@ -123,7 +123,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         if interrupted:  # cancelled before it began
             coro.close()
             raise asyncio.CancelledError
-        task.append(asyncio.current_task())  # type: ignore[arg-type]
+        current = asyncio.current_task()
+        assert current is not None  # a coroutine run by the loop runs in a task
+        task.append(current)
         return await coro
 
     def cancel() -> None:  # on the loop thread, so it cannot race ``wrapper``'s start

@@ -272,6 +272,7 @@ def _save(
                 )
         return base, token, info
 
+    base: Manifest | None  # None: another process of a collective save decided
     if collective is None:
         base, token, info = decide()
     else:
@@ -283,7 +284,7 @@ def _save(
             "keep": keep,
             "sharded": [leaf.path for leaf in snapshot.leaves if isinstance(leaf.array, Shards)],
         }
-        base, token, info = collective.decide(call, decide)  # type: ignore[assignment]
+        base, token, info = collective.decide(call, decide)
         verbose = verbose and collective.leader
     number = info.step
     location = storage.describe(info.dir)
@@ -297,7 +298,11 @@ def _save(
         shape = _tree_shape(snapshot.record)  # before the hashes go in
         hashes = snapshot.hash_chunks() if incremental else {}
         record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
-        previous = run(_reuse.Previous.read(storage, base.latest)) if hashes else None
+        previous = (
+            run(_reuse.Previous.read(storage, base.latest))
+            if hashes and base is not None  # incremental saves are never collective
+            else None
+        )
         linked = snapshot.linkable(previous, hashes) if previous is not None else {}
         with progress_bar(total, f"save step {number}", show_bar) as progress:
 
@@ -328,6 +333,7 @@ def _save(
                 )  # fmt: skip
 
             if collective is None:
+                assert base is not None  # decided by this process
                 _, collect_error = run(
                     commit_step(storage, base, token, info, keep, record, write, recycle)
                 )

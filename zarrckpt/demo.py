@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 10, V_rest=0.0, V_reset=0.0, V_th=1.0, tau=tau, spk_fun=bm.surrogate.arctan
             )
 
-        def update(self, x):  # type: ignore[no-untyped-def]
+        def update(self, x: Any) -> Any:
             return x >> self.l1 >> self.l2
 
     root = os.path.join(os.path.abspath(args.directory), "training")
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     x = bm.asarray(rng.random((8, 28 * 28), dtype=np.float32))
     target = bm.asarray(rng.random((8, 10), dtype=np.float32) < 0.2).astype(bm.float32)
 
-    def loss():  # type: ignore[no-untyped-def]
+    def loss() -> Any:
         net.reset_state(8)
         return bm.mean((net(x) - target) ** 2) + 1e-3 * bm.sum(net.l1.W**2)
 
-    grad = bm.grad(loss, grad_vars=net.train_vars().unique(), return_value=True)
+    grad: Callable[[], Any] = bm.grad(loss, grad_vars=net.train_vars().unique(), return_value=True)
     for epoch_i in range(args.epochs):
         grads, value = grad()
         opt.update(grads)

@@ -200,6 +200,11 @@ class Storage:
         """Replace ``key`` so that readers see the old or the new value, never a mix."""
         raise NotImplementedError
 
+    def read_into(self, key: str, buffers: list[Any]) -> int | None:
+        """Fill ``buffers`` in order from ``key``'s value; its size in bytes, or None if it
+        does not exist. Blocking; only where :attr:`reads_into`."""
+        raise NotImplementedError
+
     async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
         """Write ``key -> make()`` for each item (``make`` encodes; called once)."""
         for key, make in items:

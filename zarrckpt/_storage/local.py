@@ -186,9 +186,10 @@ _Identity = tuple[int, int, int]
 @dataclass
 class _Mine:
     """A step directory this process created: the directory's (device, inode), and the
-    identity of each ``zarr.json`` written there (keys relative to it; None: forgotten)."""
+    identity of each ``zarr.json`` written there (keys relative to it; None: forgotten).
+    ``dir`` is None if the directory was no longer there, a directory, just after it was made."""
 
-    dir: tuple[int, int]
+    dir: tuple[int, int] | None
     written: dict[str, _Identity] | None
 
 

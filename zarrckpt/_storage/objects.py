@@ -97,8 +97,9 @@ def _connect_failure(exc: BaseException) -> tuple[str | None, str] | None:
         kwargs = getattr(e, "kwargs", None)
         if endpoint is None and isinstance(kwargs, dict):  # botocore: the object's URL
             endpoint = url_origin(kwargs.get("endpoint_url"))
-        if endpoint is None and getattr(e, "host", None) and getattr(e, "port", None):
-            endpoint = f"{e.host}:{e.port}"  # type: ignore[attr-defined]  # aiohttp
+        host, port = getattr(e, "host", None), getattr(e, "port", None)
+        if endpoint is None and host and port:  # aiohttp
+            endpoint = f"{host}:{port}"
     dns = [e for e in chain if isinstance(e, socket.gaierror)]
     system = [e for e in chain if isinstance(e, OSError) and (e.errno or 0) > 0]
     if dns:
@@ -155,17 +156,25 @@ class LeaseObjects:
     A mix-in: the backend provides ``put``, ``get`` and ``delete`` (of one key).
     """
 
+    async def get(self, key: str, limit: int | None = None) -> bytes | None:
+        """The value of one object (absent: None), as ``Storage.get``."""
+        raise NotImplementedError
+
+    async def put(self, key: str, parts: Sequence[Any]) -> None:
+        """Write one object, as ``Storage.put``."""
+        raise NotImplementedError
+
     async def delete(self, key: str) -> None:
         """Delete one object (absent: no error)."""
         raise NotImplementedError
 
     async def _write_lease(self, step_dir: str, writer: str) -> None:
         doc = {"writer": writer, "expires": time.time() + _lease_ttl()}
-        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])  # type: ignore[attr-defined]
+        await self.put(f"{step_dir}/{_LEASE}", [json.dumps(doc).encode()])
 
     @property
     def _heartbeats(self) -> dict[str, asyncio.Task[None]]:
-        return self.__dict__.setdefault("_heartbeat_tasks", {})  # type: ignore[no-any-return]
+        return self.__dict__.setdefault("_heartbeat_tasks", {})
 
     async def begin_step(self, step_dir: str, recycle: bool = False) -> bytes | None:
         writer = uuid.uuid4().hex
@@ -188,7 +197,7 @@ class LeaseObjects:
         await self.delete(f"{step_dir}/{_LEASE}")
 
     async def lease_expired(self, step_dir: str, created: float) -> bool:
-        data = await self.get(f"{step_dir}/{_LEASE}", limit=4096)  # type: ignore[attr-defined]
+        data = await self.get(f"{step_dir}/{_LEASE}", limit=4096)
         if data is None:
             return True  # finished: its writer committed or gave up
         try:
@@ -288,6 +297,7 @@ class S3Storage(StoreStorage):
     """S3 through s3fs, with conditional PUTs (``If-Match`` / ``If-None-Match``) for the manifest."""
 
     conditional_writes = True
+    store: FsspecStore
 
     def __init__(self, store: FsspecStore, url: str) -> None:
         super().__init__(store, url)
@@ -344,6 +354,7 @@ class GCSStorage(StoreStorage):
     """
 
     conditional_writes = True
+    store: FsspecStore
 
     def __init__(self, store: FsspecStore, url: str) -> None:
         super().__init__(store, url)

@@ -226,8 +226,8 @@ def s3_config(options: dict[str, Any]) -> Config:
             )
     retries = config_kwargs.pop("retries", None) or {}
     if "max_attempts" in retries or "total_max_attempts" in retries:  # botocore counts the first
-        attempts = retries.get("total_max_attempts", retries.get("max_attempts"))
-        retry["max_retries"] = max(0, int(attempts) - 1)
+        setting = "total_max_attempts" if "total_max_attempts" in retries else "max_attempts"
+        retry["max_retries"] = max(0, int(retries[setting]) - 1)
     if options.pop("requester_pays", False) or extra.pop("RequestPayer", None):
         config["request_payer"] = True
     sse = extra.pop("ServerSideEncryption", None)
@@ -528,7 +528,7 @@ class ObjectStoreStorage(LeaseObjects, Storage):
             except FileNotFoundError:  # obstore's NotFoundError
                 return None
 
-    async def _get(self, key: str, limit: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    async def _get(self, key: str, limit: int | None = None) -> tuple[bytes, obstore.ObjectMeta]:
         result = await obstore.get_async(self.store, key)
         if limit is not None and result.meta["size"] > limit:
             # The size comes with the headers: the body is never collected (dropping the
