@@ -76,7 +76,7 @@ def gc(cmd: dict) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["gc", "--json", cmd["root"]])
-    debris = json.loads(out.getvalue())["debris"] if rc == 0 else None
+    debris = [i["name"] for i in json.loads(out.getvalue())["garbage"]] if rc == 0 else None
     reply(event="done", cmd="gc", rc=rc, debris=debris, err=err.getvalue()[-1000:])
 
 

@@ -288,7 +288,7 @@ def gc_inproc(root: str, out: Path, seconds: float, gid: int, log: Log) -> None:
 
 def _log_gc(log: Log, rc: int, stdout: str, stderr: str) -> None:
     if rc == 0:
-        deleted = json.loads(stdout)["debris"]
+        deleted = [item["name"] for item in json.loads(stdout)["garbage"]]
         log(ev="gc", deleted=deleted)
     else:
         log(ev="gc-error", rc=rc, msg=(stderr or stdout)[-1000:])
