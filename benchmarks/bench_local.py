@@ -1,6 +1,8 @@
 """zarrckpt against the tools a BrainPy user could pick instead, on local disk.
 
     python benchmarks/bench_local.py --scenario loop   # the tutorial's loop (the headline)
+    python benchmarks/bench_local.py --scenario loop --compare-with /tmp/zc-base  # + an older zarrckpt
+    python benchmarks/bench_local.py --scenario changes  # saves that change part of the state
     python benchmarks/bench_local.py                   # fresh directories: save, cold load, leaf
     python benchmarks/bench_local.py --gib 4 --systems raw zarrckpt --repeats 1
 
@@ -19,7 +21,16 @@ was still running when the next one was asked for. Systems:
 * orbax: ``CheckpointManager(max_to_keep=1)``, ``save`` + ``wait_until_finished`` + ``syncfs``;
 * msgpack: ``braintools.file.msgpack_save`` (what ``bp.checkpoints`` calls) over the
   previous file + ``syncfs``;
-* zarrckpt: ``save_pytree(root, state)`` with the defaults (it flushes by itself).
+* zarrckpt: ``save_pytree(root, state)`` with the defaults (it flushes by itself);
+* zarrckpt-full: the same with ``incremental=False`` (every byte written again);
+* zarrckpt@base (with ``--compare-with PATH``): ``zarrckpt`` imported from another checkout
+  (``PYTHONPATH=PATH`` for that worker; e.g. ``git worktree add /tmp/zc-base <commit>``), with
+  its defaults, to compare two versions side by side in one run.
+
+Between saves the loop adds 1 to one row of each matrix (in place): every save writes changed
+data, but with incremental saves (the default) only the chunk holding that row differs from
+the previous step, one of four per matrix (64 MiB chunks); the small leaves do not change.
+``zarrckpt-full`` is the loop's cost when every byte is written.
 
 The state mimics an SNN: four float32 weight matrices (normal noise) holding ~94% of the
 bytes, plus 2,000 small per-neuron leaves of 4-64 KiB (float32 potentials, bool spikes
@@ -36,6 +47,10 @@ ratios to the raw disk figures:
 * leaf: read one small leaf (cold) from the checkpoint, where the format allows it;
 * extra RSS: peak resident memory above what the state itself needs.
 
+**Changes** (``--scenario changes``): issue 18's profiles (every leaf, the small leaves, ~1%,
+a brainstate network) with bytes written and root sizes: see ``bench_incremental.py``, which
+runs it (the options after ``--scenario changes`` are its own).
+
 **Fresh directories** (the default scenario): saves go to fresh directories and everything
 is deleted at the end only, so these figures leave out the cost of deleting old
 checkpoints (on this disk, creating files right after deleting many costs ~10x more, see
@@ -47,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -320,7 +336,16 @@ def target_path(root: str, system: str, rep: int) -> str:
 
 # --- the loop scenario -----------------------------------------------------------------------
 
-LOOP_SYSTEMS = ["raw", "safetensors", "orbax", "msgpack", "zarrckpt", "zarrckpt-async"]
+LOOP_SYSTEMS = [
+    "raw",
+    "safetensors",
+    "orbax",
+    "msgpack",
+    "zarrckpt",
+    "zarrckpt-full",
+    "zarrckpt-async",
+]
+BASE = "zarrckpt@base"  # --compare-with: zarrckpt imported from another checkout
 
 
 class LoopSaver:
@@ -363,10 +388,16 @@ class LoopSaver:
 
             braintools.file.msgpack_save(self.file, state, overwrite=True, verbose=False)
             syncfs(self.root)
-        elif self.system == "zarrckpt":
+        elif self.system in ("zarrckpt", BASE):
             import zarrckpt
 
             zarrckpt.save_pytree(os.path.join(self.root, "ckpt"), state, verbose=False)
+        elif self.system == "zarrckpt-full":
+            import zarrckpt
+
+            zarrckpt.save_pytree(
+                os.path.join(self.root, "ckpt"), state, verbose=False, incremental=False
+            )
         elif self.system == "zarrckpt-async":
             import zarrckpt
 
@@ -387,12 +418,17 @@ class LoopSaver:
 
 def loop_worker(args: argparse.Namespace) -> None:
     """Serve ``save N`` lines on stdin for one system; print one JSON line per save."""
-    warm_imports(args.system.split("-")[0])
+    warm_imports(re.split("[-@]", args.system)[0])
     if args.system == "orbax":
         warm_imports("orbax")
     state = build_state(args.gib)
     saver = LoopSaver(args.system, args.path, args.epoch_s)
-    print(json.dumps({"ready": True}), flush=True)
+    version = None
+    if args.system.startswith("zarrckpt"):
+        import zarrckpt
+
+        version = os.path.dirname(os.path.dirname(os.path.abspath(zarrckpt.__file__)))
+    print(json.dumps({"ready": True, "zarrckpt": version}), flush=True)
     for line in sys.stdin:
         if not line.startswith("save"):
             break
@@ -411,12 +447,22 @@ def run_loop(args: argparse.Namespace) -> None:
         for system in args.systems:
             cmd = [sys.executable, __file__, "--loop-worker", "--system", system, "--path",
                    os.path.join(root, system), "--gib", str(args.gib), "--epoch-s", str(args.epoch_s)]  # fmt: skip
+            env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+            if system == BASE:  # PYTHONPATH comes before the editable install's finder
+                env["PYTHONPATH"] = os.pathsep.join(
+                    filter(None, [os.path.abspath(args.compare_with), env.get("PYTHONPATH")])
+                )
             procs[system] = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            )  # fmt: skip
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
         for system, proc in procs.items():
-            assert json.loads(proc.stdout.readline()).get("ready"), system
+            ready = json.loads(proc.stdout.readline())
+            assert ready.get("ready"), system
+            if ready.get("zarrckpt"):
+                where = ready["zarrckpt"]
+                print(f"# {system} imports zarrckpt from {where}", file=sys.stderr)
+                if system == BASE:
+                    assert os.path.samefile(where, args.compare_with), where
         results: dict[str, list[dict]] = {s: [] for s in args.systems}
         for step in range(args.saves):
             for system, proc in procs.items():  # alternate, save by save
@@ -440,13 +486,17 @@ def run_loop(args: argparse.Namespace) -> None:
 
 def report_loop(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     steady = {s: statistics.median(r["seconds"] for r in rs[1:]) for s, rs in results.items()}
+    base = steady.get(BASE)
     raw = steady.get("raw")
     where = args.dir or "the current directory's disk"
     print(f"\nLoop: {args.saves} saves into one root per system with default arguments, "
           f"{args.gib} GiB state (4 matrices + 2,001 small leaves), on {where}; "
           "median of saves 2..N; systems alternate save by save.\n")  # fmt: skip
-    print("| system | s per save (median 2..N) | / raw | every save, s |")
-    print("|---|---|---|---|")
+    head, rule = "| system | s per save (median 2..N) | / raw |", "|---|---|---|"
+    if base:
+        head, rule = head + f" / {BASE} |", rule + "---|"
+    print(head + " every save, s |")
+    print(rule + "---|")
     for system, rs in results.items():
         ratio = f"{steady[system] / raw:.2f}x" if raw else "-"
         every = " ".join(f"{r['seconds']:.2f}" for r in rs)
@@ -455,18 +505,27 @@ def report_loop(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
             queued = sum(r.get("queued", False) for r in rs[1:])
             name = (f"zarrckpt + AsyncManager (caller blocked; {args.epoch_s:g} s epochs, "
                     f"{queued}/{len(rs) - 1} saves found the previous one still running)")  # fmt: skip
-        print(f"| {name} | {steady[system]:.2f} | {ratio} | {every} |")
+        if system == BASE:
+            name = f"{BASE} ({args.compare_with})"
+        vs_base = f" {steady[system] / base:.2f}x |" if base else ""
+        print(f"| {name} | {steady[system]:.2f} | {ratio} |{vs_base} {every} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS + LOOP_SYSTEMS[-1:])
+    parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS + LOOP_SYSTEMS[-2:])
     parser.add_argument(
         "--dir", default=None, help="where checkpoints go (default: a temp dir under the cwd)"
     )
-    parser.add_argument("--scenario", choices=["fresh", "loop"], default="fresh")
+    parser.add_argument("--scenario", choices=["fresh", "loop", "changes"], default="fresh")
+    parser.add_argument(
+        "--compare-with",
+        default=None,
+        metavar="PATH",
+        help=f"loop: add a system {BASE!r} importing zarrckpt from the checkout at PATH",
+    )
     parser.add_argument("--saves", type=int, default=8, help="loop: saves per system")
     parser.add_argument(
         "--epoch-s", type=float, default=3.0, help="loop: seconds between async saves"
@@ -477,6 +536,11 @@ def main() -> None:
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    argv = " ".join(sys.argv[1:]).replace("--scenario=", "--scenario ")
+    if re.search(r"(^| )--scenario changes( |$)", argv):  # bench_incremental has its own options
+        import bench_incremental
+
+        return bench_incremental.main(re.sub(r"(^| )--scenario changes( |$)", " ", argv).split())
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -484,6 +548,8 @@ def main() -> None:
         return loop_worker(args)
     if args.scenario == "loop":
         args.systems = args.systems or LOOP_SYSTEMS
+        if args.compare_with and BASE not in args.systems:
+            args.systems.append(BASE)
         return run_loop(args)
     args.systems = args.systems or SYSTEMS
 
