@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -135,6 +135,7 @@ def _host_array(path: str, value: Any, copy: bool) -> Any:
     sharded over other processes too as the :class:`~zarrckpt._sharding.Shards` this
     process writes."""
     jax_array = _module_attr("jax", "Array")
+    array: np.ndarray | _sharding.Shards
     if _is(value, jax_array) and _sharding.is_global(value):
         array = _sharding.owned_pieces(value)
     elif _is(value, jax_array):
@@ -312,7 +313,8 @@ def _wrap_key(rec: dict[str, Any], array: np.ndarray, impl: str) -> Any:
     import jax
 
     try:
-        return jax.random.wrap_key_data(array, impl=impl)
+        # jax annotates Array, but takes "a uint32 array" (its docstring): here a NumPy one
+        return jax.random.wrap_key_data(array, impl=impl)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError) as exc:
         raise CorruptCheckpointError(
             f"leaf {rec['path']!r}: key data of shape {array.shape} is not a {impl!r} PRNG key "
@@ -380,7 +382,7 @@ def restore(target: Any, rec: dict[str, Any], array: np.ndarray) -> Any:
         target.value = restore(target.value, rec, array)
         return target
     quantity = _quantity_type()
-    if _is(target, quantity):
+    if quantity is not None and _is(target, quantity):
         unit = _unit_from_record(rec["unit"]) if rec.get("kind") == "quantity" else target.unit
         return quantity(restore(target.mantissa, rec, array), unit=unit)
     if _is_key(target):
@@ -438,7 +440,7 @@ _KINDS = frozenset(
 _PY_DTYPE_KINDS = {"bool": "b", "int": "biu", "float": "biuf", "complex": "biufc"}
 
 
-def _int_list(value: Any, low: int) -> bool:
+def _int_list(value: Any, low: int) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list)
         and len(value) <= _MAX_NDIM

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import google_crc32c
 
@@ -175,7 +175,7 @@ def _int(value: Any, what: str, where: str, upper: int = 2**63) -> int:
     return value
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[int | float]:
     """Whether ``value`` is a JSON number that a float holds (not bool, NaN, inf or 1e400)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -239,7 +239,7 @@ class StepInfo:
         step = _int(doc.get("step"), "step", where)
         name = doc.get("dir")
         parsed = parse_step_dir(name) if isinstance(name, str) else None
-        if parsed is None or parsed[2]:
+        if not isinstance(name, str) or parsed is None or parsed[2]:
             raise CorruptCheckpointError(f"{where}: {_shown(name)} is not a step directory name")
         if parsed[0] != step:
             raise CorruptCheckpointError(

@@ -396,7 +396,8 @@ def restore_into(
     """
     opened.valid(record, prefix)
     pairs, unexpected = _tree.match(record, target, prefix)
-    problems, wanted = [], {}
+    problems: list[str] = []
+    wanted: dict[int, dict[str, Any]] = {}
     for i, (path, value, rec) in enumerate(pairs):
         if rec is not None and rec["type"] == _tree.FROM_TARGET:
             if _leaves.is_leaf(value):  # the target's is kept, but it expected a saved value
@@ -409,7 +410,7 @@ def restore_into(
         )
         if problem:
             problems.append(problem)
-        else:
+        elif rec is not None:  # (a missing leaf is a problem)
             wanted[i] = rec
     problems += [f"{p}: in the checkpoint, not in the target" for p in unexpected]
     if problems and mismatch != "ignore":

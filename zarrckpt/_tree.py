@@ -335,7 +335,7 @@ def _trie_names(all_parts: list[tuple[str | int, ...]]) -> tuple[list[list[str]]
         node[0].append((parts[-1], index))
     paths: list[list[str]] = [[] for _ in all_parts]
     groups: list[list[str]] = []
-    stack = [(root, [])]
+    stack: list[tuple[Any, list[str]]] = [(root, [])]
     while stack:
         node, prefix = stack.pop()
         names = _sibling_names([part for part, _ in node[0]])
@@ -532,6 +532,7 @@ def _build_dict(spec: Any, pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | Non
     if not (isinstance(cls, type) and issubclass(cls, dict)):
         return None
     try:
+        out: dict[Any, Any]
         if issubclass(cls, defaultdict):
             out = cls()
             out.update(pairs)
@@ -674,7 +675,7 @@ def labelled_children(record: dict[str, Any]) -> list[tuple[str, str, dict[str, 
                 out[head] = (label, _unwrap(child))
                 continue
             if head not in out:
-                group = {"type": "dict", "keys": [], "names": [], "children": []}
+                group: dict[str, Any] = {"type": "dict", "keys": [], "names": [], "children": []}
                 out[head] = (label, group)
                 virtual.add(head)
             elif head not in virtual:
@@ -799,7 +800,7 @@ def _rebuild_node(obj: Any, node: _Node, values: list[Any]) -> Any:
     if kind == "none":
         return None
     if kind in ("dict", "odict"):
-        cls = type(obj)
+        cls: Any = type(obj)
         out = cls.__new__(cls)
         if isinstance(obj, defaultdict):
             out.default_factory = obj.default_factory
@@ -995,8 +996,8 @@ def _entry_names(rec: dict[str, Any], kind: str, n: int) -> list[list[str]]:
         fields = _check_list(rec, "fields", n)
         if not all(isinstance(f, str) for f in fields):
             raise CorruptCheckpointError("'fields' must hold strings")
-        names = rec.get("names")
-        names = _escape_v1_all(fields) if names is None else _check_list(rec, "names", n)
+        given = rec.get("names")
+        names = _escape_v1_all(fields) if given is None else _check_list(rec, "names", n)
         paths, canon = [[name] for name in names], list(fields)
     elif kind == "pytree":
         _check_class(rec, required=True)
