@@ -91,19 +91,21 @@ def _advance(views: list[memoryview], n: int) -> None:
         views[0] = views[0][n:]
 
 
-def _open_for_writing(path: str, top: str) -> int:
+def _open_for_writing(path: str, top: str | None = None) -> int:
     """An fd to write ``path`` in place, if it is a plain file of its own; else anew.
 
     ``O_NOFOLLOW`` refuses a symbolic link, ``O_NONBLOCK`` a FIFO without a reader
     (``ENXIO``, as a socket); whatever is not a regular file with one link (a device, a
     file shared with a ``cp -al`` backup) is unlinked and replaced by a new file, so a
-    write only ever reaches this step's own bytes.
+    write only ever reaches this step's own bytes. Missing directories are created, but
+    never ``top`` (a leased step directory): one that vanished was claimed by a collector,
+    and writing on would commit an incomplete step.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:  # first file of a directory: create it (and any parents)
-        if not os.path.isdir(top) or os.path.islink(top):
+        if top is not None and (not os.path.isdir(top) or os.path.islink(top)):
             raise FileNotFoundError(
                 errno.ENOENT, "the step directory vanished while being written", top
             ) from None
@@ -367,7 +369,10 @@ class LocalStorage(Storage):
         # No O_TRUNC: a recycled file is overwritten in place (truncating frees its blocks
         # and the write allocates them again, the largest cost of a recycled save in a
         # profile), and cut only where the new content is shorter (a compressed chunk).
-        fd = _open_for_writing(self._path(key), self._path(key.partition("/")[0]))
+        step_dir = key.partition("/")[0]
+        fd = _open_for_writing(  # a leased step directory is never re-created
+            self._path(key), self._path(step_dir) if step_dir in self._leases else None
+        )
         try:
             written = _write_all(fd, parts)
             st = os.fstat(fd)
