@@ -133,6 +133,12 @@ def _dir_identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+def _same_dir(path: str, mine: _Mine) -> bool:
+    """Whether ``path`` is the very directory ``mine`` describes (never a missing one)."""
+    found = _dir_identity(path)
+    return found is not None and found == mine.dir
+
+
 def _rmtree(path: str) -> None:
     """Delete a claimed tree; what another collector deleted first is no error."""
 
@@ -599,7 +605,7 @@ class LocalStorage(Storage):
         name, fd, mine = found
         try:
             os.rename(self._path(name), tmp)
-            if _dir_identity(tmp) != mine.dir:
+            if not _same_dir(tmp, mine):
                 raise OSError(errno.ESTALE, "not the spare this process made", tmp)
             record_fd = os.open(os.path.join(tmp, "zarr.json"), os.O_RDONLY | os.O_NOFOLLOW)
             with open(record_fd, "rb") as f:
@@ -669,7 +675,7 @@ class LocalStorage(Storage):
             if not self.recycles or real in _spares or mine is None:
                 return False
             path = self._path(step_dir)
-            if _dir_identity(path) != mine.dir:
+            if not _same_dir(path, mine):
                 return False
             fd = self._leases.pop(step_dir, None)
             if fd is None:
@@ -689,7 +695,7 @@ class LocalStorage(Storage):
             name = SPARE_PREFIX + step_dir
             try:
                 os.rename(path, self._path(name))
-                if _dir_identity(self._path(name)) != mine.dir:  # swapped in between
+                if not _same_dir(self._path(name), mine):  # swapped in between
                     raise OSError(errno.ESTALE, "not the directory this process made", name)
             except OSError:
                 os.close(fd)
