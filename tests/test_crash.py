@@ -145,7 +145,8 @@ S3_CHILD = textwrap.dedent(
     from test_crash import make_state
     root, options, size, n_small = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     make_state(0, size, n_small)
-    print("ready", flush=True)
+    zarrckpt.latest_step(root, storage_options=options)  # the client is up (~1 s with today's
+    print("ready", flush=True)                           # packages): kills land in the loop
     while True:
         step = (zarrckpt.latest_step(root, storage_options=options) or 0) + 1
         zarrckpt.save_pytree(root, make_state(step, size, n_small), step=step,
