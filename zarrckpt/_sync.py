@@ -126,6 +126,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         current = asyncio.current_task()
         assert current is not None  # a coroutine run by the loop runs in a task
         task.append(current)
+        del current  # this frame must not hold its own task: a cycle keeps a failure's data
         return await coro
 
     def cancel() -> None:  # on the loop thread, so it cannot race ``wrapper``'s start
