@@ -335,7 +335,8 @@ def worker(args: argparse.Namespace) -> None:
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             after = proc_io()
             delta = {k: after[k] - before[k] for k in after}
-            print(json.dumps({"seconds": seconds, "cpu": cpu, "changed": changed, **delta}), flush=True)  # fmt: skip
+            out = {"seconds": seconds, "cpu": cpu, "changed": changed, "at": time.time(), **delta}
+            print(json.dumps(out), flush=True)
         elif line.startswith("size"):
             print(json.dumps(root_size(args.path)), flush=True)
         else:
@@ -652,6 +653,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default=None, help="where roots go (default: under the cwd)")
     parser.add_argument("--keep-dir", action="store_true")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--report", nargs="+", default=None, metavar="JSON",
+        help="local: print the tables from files --json wrote (later files replace profiles)",
+    )  # fmt: skip
     parser.add_argument("--s3-gib", type=float, default=1 / 16, help="s3: state scale")
     parser.add_argument("--backends", nargs="+", default=["obstore", "fsspec"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -669,6 +674,13 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     if args.part == "s3":
         return run_s3(args)
+    if args.report:
+        results = {}
+        for name in args.report:
+            for key, value in json.loads(Path(name).read_text()).items():
+                results[tuple(key.split("/"))] = value
+        args.saves = max(len(next(iter(r["saves"].values()))) for r in results.values())
+        return report_local(results, args)
     return run_local(args)
 
 
