@@ -1,8 +1,12 @@
 """Shared test helpers."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 from hypothesis import strategies as st
 
+import zarrckpt
 from zarrckpt._dtypes import _ML_DTYPES
 
 NUMERIC = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -42,3 +46,20 @@ def nested_trees(leaves, keys, point):
         ),
         max_leaves=10,
     )
+
+
+def save(url, tree, **kwargs):
+    """``save_pytree`` without its summary line."""
+    zarrckpt.save_pytree(url, tree, verbose=False, **kwargs)
+
+
+def only_step_dir(url) -> Path:
+    """The one step directory of a local root."""
+    (step,) = Path(url).glob("step_*")
+    return step
+
+
+def tree_record(url) -> dict:
+    """The tree record of a local root's one step."""
+    meta = json.loads((only_step_dir(url) / "zarr.json").read_text())
+    return meta["attributes"]["zarrckpt"]["tree"]

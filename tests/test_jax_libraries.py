@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import only_step_dir as _step_dir
+from helpers import save
+from helpers import tree_record as _record
 
 import zarrckpt
 from zarrckpt import _tree
@@ -23,20 +26,6 @@ eqx = pytest.importorskip("equinox")
 optax = pytest.importorskip("optax")
 flax_struct = pytest.importorskip("flax.struct")
 nnx = pytest.importorskip("flax.nnx")
-
-
-def save(url, tree, **kwargs):
-    zarrckpt.save_pytree(url, tree, verbose=False, **kwargs)
-
-
-def _step_dir(url) -> Path:
-    (step,) = Path(url).glob("step_*")
-    return step
-
-
-def _record(url) -> dict:
-    meta = json.loads((_step_dir(url) / "zarr.json").read_text())
-    return meta["attributes"]["zarrckpt"]["tree"]
 
 
 def _child(record: dict, key) -> dict:

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same, nested_trees
+from helpers import assert_same, nested_trees, save
+from helpers import only_step_dir as _step_dir
+from helpers import tree_record as _record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -27,20 +29,6 @@ from zarrckpt.errors import CorruptCheckpointError, StructureMismatchError
 
 FlattedDict = brainstate.util.FlattedDict
 Point = namedtuple("Point", "x y")
-
-
-def save(url, tree, **kwargs):
-    zarrckpt.save_pytree(url, tree, verbose=False, **kwargs)
-
-
-def _step_dir(url) -> Path:
-    (step,) = Path(url).glob("step_*")
-    return step
-
-
-def _record(url) -> dict:
-    meta = json.loads((_step_dir(url) / "zarr.json").read_text())
-    return meta["attributes"]["zarrckpt"]["tree"]
 
 
 def _net():
