@@ -91,6 +91,34 @@ def test_a_save_loop_writes_what_changed(tmp_path, monkeypatch):
     assert os.stat(step_dir / "W/c.0.0").st_nlink == 2  # shared with the recycled spare
 
 
+@pytest.mark.parametrize("change", ["replaced", "rewritten", "removed"])
+def test_a_spare_file_changed_between_saves_is_not_trusted(tmp_path, change):
+    """A save skips a recycled spare's file only while it is the very file this process
+    linked there (inode, size, mtime); whatever else is found is replaced by the step's
+    own bytes."""
+    root = str(tmp_path / "run")
+    state = _state()
+    for _epoch in range(3):
+        state["V"] = state["V"] + 1
+        zarrckpt.save_pytree(root, state, verbose=False)
+    (spare,) = Path(root).glob(".spare-*")
+    chunk = spare / "W/c.0.0"
+    if change == "replaced":  # another file under the name
+        (spare / "W/garbage").write_bytes(os.urandom(chunk.stat().st_size))
+        os.replace(spare / "W/garbage", chunk)
+    elif change == "rewritten":  # broken out of the link, then rewritten in place
+        data = chunk.read_bytes()
+        chunk.unlink()
+        chunk.write_bytes(data[:-8] + b"\0" * 8)
+    else:
+        chunk.unlink()
+    state["V"] = state["V"] + 1
+    zarrckpt.save_pytree(root, state, verbose=False)
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], state["W"]) and np.array_equal(out["V"], state["V"])
+    assert cli.main(["verify", root]) == 0
+
+
 def test_every_leaf_changing_writes_everything(tmp_path, monkeypatch):
     root = str(tmp_path / "run")
     zarrckpt.save_pytree(root, _state(0), verbose=False)

@@ -226,8 +226,9 @@ async def write_step(
     def prefixed(path: str) -> str:
         return f"{step_dir}/{path}" if path else step_dir
 
-    if linked:
-        failed = await storage.link_many([(src, prefixed(dst)) for dst, src in linked.items()])
+    if linked:  # (metadata a recycled directory already holds needs no link)
+        pairs = [(src, prefixed(dst)) for dst, src in linked.items() if dst not in unchanged]
+        failed = await storage.link_many(pairs)
         unchanged = unchanged | {dst for dst in linked if prefixed(dst) not in failed}
 
     def put_json(key: str, data: bytes) -> Callable[[], Any]:
@@ -302,9 +303,13 @@ async def write_step(
                     yield job
         for leaf in leaves:
             layout = leaf.layout
-            meta = _json_bytes(layout.zarr_json(leaf.attributes, leaf.path, leaf.dims))
             meta_key = f"{prefixed(leaf.path)}/zarr.json"
             skip_meta = not primary or f"{leaf.path}/zarr.json" in unchanged
+            meta = (
+                b""
+                if skip_meta
+                else _json_bytes(layout.zarr_json(leaf.attributes, leaf.path, leaf.dims))
+            )
             if batcher.enabled and layout.chunk_nbytes < _INLINE_BYTES:
                 items = [] if skip_meta else [(meta_key, encoded(meta))]
                 items += [

@@ -24,6 +24,8 @@ damage, not zeros.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import reprlib
@@ -85,6 +87,12 @@ def parse_codec(codec: str) -> str:
     except ValueError:
         raise ValueError(f"codec {codec!r}: the level must be an integer") from None
     return f"{name}:{lvl}"
+
+
+@functools.cache
+def _compressor(name: str, level: int) -> Any:
+    """The numcodecs codec for ``name:level`` (stateless between calls: one is shared)."""
+    return _COMPRESSORS[name][0](level=level)
 
 
 def default_codec(dtype: np.dtype) -> str:
@@ -292,7 +300,8 @@ class ArrayLayout:
         return encoded_bound(self.chunk_nbytes, self.codec != "none")
 
     def chunk_ids(self) -> Iterator[tuple[int, ...]]:
-        return iter(np.ndindex(*self.grid)) if self.shape else iter([()])
+        """Every chunk's index, in C order (the last dimension's index fastest)."""
+        return itertools.product(*map(range, self.grid))
 
     @staticmethod
     def chunk_key(idx: tuple[int, ...]) -> str:
@@ -392,20 +401,28 @@ class ArrayLayout:
         first = partial[0]
         return all(c == 1 for c in self.chunks[:first]) and partial == [first]
 
-    def encode_at(self, array: np.ndarray, idx: tuple[int, ...]) -> list[Any]:
-        """Encoded chunk ``idx`` of ``array``; raw chunks are views of ``array`` (no copy),
-        an edge chunk's padding a separate run of zeros."""
+    def chunk_view(self, array: np.ndarray, idx: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
+        """Chunk ``idx`` of ``array`` as (its bytes: a view, no copy; the number of zero
+        bytes of padding after them), when :meth:`chunk_data` would be exactly these bytes
+        followed by zeros; else None (a copy is needed)."""
         region = self.chunk_region(idx)
         part = array[region]
         if (
-            self.codec == "none"
-            and part.dtype.byteorder != ">"
+            part.dtype.byteorder != ">"
             and part.flags.c_contiguous
             and self._valid_is_prefix(region)
         ):
             raw = part.reshape(-1).view(np.uint8)
+            return raw, self.chunk_nbytes - raw.size
+        return None
+
+    def encode_at(self, array: np.ndarray, idx: tuple[int, ...]) -> list[Any]:
+        """Encoded chunk ``idx`` of ``array``; raw chunks are views of ``array`` (no copy),
+        an edge chunk's padding a separate run of zeros."""
+        view = self.chunk_view(array, idx) if self.codec == "none" else None
+        if view is not None:
+            raw, pad = view
             crc = google_crc32c.value(raw)
-            pad = self.chunk_nbytes - raw.size
             if not pad:
                 return [raw, crc.to_bytes(4, "little")]
             zeros = np.zeros(pad, dtype=np.uint8)
@@ -419,7 +436,7 @@ class ArrayLayout:
             payload: Any = raw
         else:
             name, level = self.codec.split(":")
-            payload = np.frombuffer(_COMPRESSORS[name][0](level=int(level)).encode(raw), np.uint8)
+            payload = np.frombuffer(_compressor(name, int(level)).encode(raw), np.uint8)
         checksum = google_crc32c.value(payload)
         return [payload, checksum.to_bytes(4, "little")]
 

@@ -85,6 +85,8 @@ def _is_key(value: Any) -> bool:
     jax = sys.modules.get("jax")
     if jax is None or not isinstance(value, (jax.Array, jax.ShapeDtypeStruct)):
         return False
+    if isinstance(value.dtype, np.dtype):  # key arrays have an extended dtype
+        return False
     return bool(jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key))
 
 
@@ -191,6 +193,8 @@ def _sharding_field(value: Any) -> dict[str, Any]:
 def immutable_array(value: Any) -> Any | None:
     """The ``jax.Array`` holding ``value``'s data (itself, or inside a BrainPy Variable, a
     brainstate State or a Quantity), or None: the same such object means the same bytes."""
+    if type(value) is np.ndarray:
+        return None
     jax_array = _module_attr("jax", "Array")
     for _ in range(3):
         if _is(value, jax_array):
@@ -211,6 +215,8 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     buffers are copied; JAX arrays are immutable and are not). Raises
     :class:`~zarrckpt.errors.UnsupportedLeafError` naming ``path`` for anything else.
     """
+    if type(value) is np.ndarray:  # the commonest leaf, without the checks below
+        return _host_array(path, value, copy), {"kind": "ndarray"}
     bp_array = _brainpy_array_type()
     if _is(value, bp_array):
         return _host_array(path, value.value, copy), {

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import xxhash
+
 from . import _collective, _leaves, _reuse, _tree
 from ._commit import commit_step, read_manifest_versioned
 from ._engine import LeafData, write_step
@@ -165,9 +167,32 @@ def _tree_shape(tree: Any) -> Any:
     step (two saves of the same tree with other values have the same shape)."""
     if isinstance(tree, dict):
         return {k: _tree_shape(v) for k, v in tree.items() if k != _leaves.HASH_FIELD}
-    if isinstance(tree, list):
-        return [_tree_shape(v) for v in tree]
+    if isinstance(tree, list):  # a record's lists hold either containers or plain values
+        return [_tree_shape(v) for v in tree] if tree and isinstance(tree[0], dict) else tree
     return tree
+
+
+#: xxh3-128 of a step record this process wrote -> its tree's shape (the newest few): a
+#: save loop recognises the recycled directory's tree without parsing its record.
+_shapes: dict[bytes, Any] = {}
+_SHAPES_KEPT = 4
+
+
+def _note_shape(record: bytes, shape: Any) -> None:
+    _shapes[xxhash.xxh3_128_digest(record)] = shape
+    while len(_shapes) > _SHAPES_KEPT:
+        _shapes.pop(next(iter(_shapes)), None)
+
+
+def _old_shape(record: bytes) -> Any:
+    """The shape of a recycled step's tree record (None if unreadable: all is rewritten)."""
+    found = _shapes.get(xxhash.xxh3_128_digest(record))
+    if found is not None:
+        return found
+    try:
+        return _tree_shape(json.loads(record)["attributes"]["zarrckpt"]["tree"])
+    except Exception:
+        return None
 
 
 def _old_tree(record: bytes) -> Any:
@@ -298,6 +323,7 @@ def _save(
         shape = _tree_shape(snapshot.record)  # before the hashes go in
         hashes = snapshot.hash_chunks() if incremental else {}
         record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
+        _note_shape(record, shape)
         previous = (
             run(_reuse.Previous.read(storage, base.latest))
             if hashes and base is not None  # incremental saves are never collective
@@ -312,12 +338,11 @@ def _save(
                 process wrote there, still the very same: ``storage.intact``)."""
                 if old_record is None:
                     return frozenset()
-                old = _old_tree(old_record)
-                if _tree_shape(old) == shape:  # the loop's usual case: the same tree again
+                if _old_shape(old_record) == shape:  # the loop's usual case: the same tree
                     same = snapshot.metadata_keys()
                 else:
                     await storage.trim(info.dir, snapshot.keys())
-                    same = snapshot.unchanged_metadata(old)
+                    same = snapshot.unchanged_metadata(_old_tree(old_record))
                 return await storage.intact(info.dir, same)
 
             async def write(old_record: bytes | None) -> None:

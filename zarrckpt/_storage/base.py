@@ -66,8 +66,11 @@ def is_relative_key(key: str) -> bool:
         or key.startswith("/")
         or "\\" in key
         or "\x00" in key
-        or any(part in ("", ".", "..") for part in key.split("/"))
+        or not _NOT_NAMES.isdisjoint(key.split("/"))
     )
+
+
+_NOT_NAMES = frozenset(("", ".", ".."))
 
 
 def check_key(url: str, key: str) -> str:

@@ -194,7 +194,7 @@ _Identity = tuple[int, int, int]
 @dataclass
 class _Mine:
     """A step directory this process created: the directory's (device, inode), and the
-    identity of each ``zarr.json`` written there (keys relative to it; None: forgotten).
+    identity of each file written or linked there (keys relative to it; None: forgotten).
     ``dir`` is None if the directory was no longer there, a directory, just after it was made."""
 
     dir: tuple[int, int] | None
@@ -202,7 +202,7 @@ class _Mine:
 
 
 #: Step directories this process created, per (real root, directory name): only these may
-#: become spares. The newest ``_OWN_PER_ROOT`` per root are remembered, the ``zarr.json``
+#: become spares. The newest ``_OWN_PER_ROOT`` per root are remembered, the file
 #: identities of the newest ``_WRITTEN_PER_ROOT`` only (the next commit drops one of those
 #: with ``keep=1``; with more kept, incremental saves link the unchanged documents anyway).
 _own: dict[tuple[str, str], _Mine] = {}
@@ -385,17 +385,22 @@ class LocalStorage(Storage):
             if st.st_size > written:
                 os.ftruncate(fd, written)
                 st = os.fstat(fd)
-            if key.endswith("zarr.json"):
-                self._remember(key, st)
+            self._remember(key, st)
         finally:
             os.close(fd)
 
     def _remember(self, key: str, st: os.stat_result) -> None:
-        """Note the identity of a ``zarr.json`` written into one of this process's steps."""
+        """Note the identity of a file written or linked into one of this process's steps."""
         step_dir, _, rest = key.partition("/")
         mine = _own.get((self._real(), step_dir))
         if mine is not None and mine.written is not None and rest:
             mine.written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _recorded(self, key: str) -> _Identity | None:
+        """The identity :meth:`_remember` noted for ``key`` (None: not one of ours)."""
+        step_dir, _, rest = key.partition("/")
+        mine = _own.get((self._real(), step_dir))
+        return mine.written.get(rest) if mine is not None and mine.written else None
 
     def _intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
         mine = _own.get((self._real(), step_dir))
@@ -430,6 +435,8 @@ class LocalStorage(Storage):
         own: dict[str, bool] = {}  # a step of this process: no link was planted there
         inside: dict[str, bool] = {}  # else each source directory is checked
         for src, dst in pairs:
+            if self._shares(src, dst):
+                continue
             step, where = src.partition("/")[0], os.path.dirname(src)
             if step not in own:
                 own[step] = (self._real(), step) in _own
@@ -444,6 +451,24 @@ class LocalStorage(Storage):
         real = os.path.realpath(os.path.dirname(self._path(key)))
         return os.path.join(real, "").startswith(self._real())
 
+    def _shares(self, src: str, dst: str) -> bool:
+        """Whether ``dst`` already is the file this process wrote or linked as ``src``.
+
+        The save loop's usual case: an unchanged file of a recycled spare was linked from
+        the step before it, which the latest step links too. One ``lstat`` (instead of a
+        failing ``link`` between two) shows that ``dst`` is still that very file, unmodified
+        (inode, size and modification time as noted); its bytes are then the ones the save
+        wants, whatever happened to ``src`` since.
+        """
+        noted = self._recorded(src)
+        if noted is None or self._recorded(dst) != noted:
+            return False
+        try:
+            st = os.lstat(self._path(dst))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == noted
+
     def _link(self, src: str, dst: str) -> bool:
         """Hard-link the regular file ``src`` as ``dst`` (replacing what is there)."""
         source, target = self._path(src), self._path(dst)
@@ -456,10 +481,12 @@ class LocalStorage(Storage):
         for _ in range(2):
             try:
                 os.link(source, target, follow_symlinks=False)
+                self._remember(dst, st)
                 return True
             except FileExistsError:
                 there = os.lstat(target)
                 if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+                    self._remember(dst, st)
                     return True  # a recycled spare already shares it
                 os.unlink(target)
             except FileNotFoundError:
