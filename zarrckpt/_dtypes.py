@@ -1,34 +1,24 @@
-"""Zarr v3 data type names for numpy and ml_dtypes dtypes, and their registration in zarr-python.
+"""Zarr v3 data type names for numpy and ml_dtypes dtypes.
 
 The names are the ones TensorStore's ``zarr3`` driver uses (``"bfloat16"``, ``"float8_e4m3fn"``,
-...), so TensorStore opens these arrays natively. zarr-python 3.1 knows none of the ml_dtypes
-types; importing this module registers them through zarr's documented extension point
-(``zarr.dtype.data_type_registry``) so that plain ``zarr.open_array`` reads them too. Every
-element is stored in one byte (two for bfloat16), little-endian, as TensorStore does.
+...), so TensorStore opens these arrays natively. Every element is stored in one byte (two for
+bfloat16), little-endian, as TensorStore does.
+
+ml_dtypes is imported only when one of its names is read: its extension takes about a second
+to import, which ``zarrckpt tree`` of a float32 checkpoint should not pay. Asking about a dtype
+never imports it: an ml_dtypes dtype cannot exist before ml_dtypes is imported. Teaching
+zarr-python these names is ``_zarr_dtypes``'s job, done when zarr is imported (``_zarr_hook``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
+import functools
+import sys
+from typing import Any
 
-import ml_dtypes
 import numpy as np
-from zarr.dtype import ZDType, data_type_registry
 
-if TYPE_CHECKING:  # the one class, whichever module a release names it in
-    from zarr.dtype import DataTypeValidationError
-else:
-    try:  # public since zarr 3.2 (zarr 3.4 deprecates the zarr.core and zarr.dtype spellings)
-        from zarr.errors import DataTypeValidationError
-    except ImportError:  # zarr 3.1
-        from zarr.dtype import DataTypeValidationError
-
-# No public path in any zarr release yet: the mix-ins a fixed-size, byte-ordered dtype needs.
-from zarr.core.dtype.common import HasEndianness, HasItemSize
-
-__all__ = ["fill_value_json", "is_supported", "native_dtype", "zarr_name"]
+__all__ = ["fill_value_json", "is_supported", "ml_dtypes_table", "native_dtype", "zarr_name"]
 
 _NUMPY_NAMES = {
     np.dtype(t): np.dtype(t).name
@@ -37,6 +27,7 @@ _NUMPY_NAMES = {
         "float16", "float32", "float64", "complex64", "complex128",
     )
 }  # fmt: skip
+_NUMPY_BY_NAME = {name: dtype for dtype, name in _NUMPY_NAMES.items()}
 
 # ml_dtypes names that TensorStore's zarr3 driver knows (plus unsigned 2/4-bit ints and e4m3,
 # stored the same way). Only those present in the installed ml_dtypes are used.
@@ -45,25 +36,47 @@ _ML_NAMES = (
     "float8_e4m3b11fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn",
     "int2", "int4", "uint2", "uint4",
 )  # fmt: skip
-_ML_DTYPES = {
-    np.dtype(getattr(ml_dtypes, name)): name for name in _ML_NAMES if hasattr(ml_dtypes, name)
-}
 
-_BY_NAME = {name: dtype for dtype, name in (_NUMPY_NAMES | _ML_DTYPES).items()}
+
+@functools.cache
+def ml_dtypes_table() -> dict[np.dtype, str]:
+    """ml_dtypes dtype -> name, for the names of ``_ML_NAMES`` the installed ml_dtypes has
+    (imports ml_dtypes)."""
+    import ml_dtypes
+
+    return {
+        np.dtype(getattr(ml_dtypes, name)): name for name in _ML_NAMES if hasattr(ml_dtypes, name)
+    }
+
+
+def _loaded_ml_dtypes() -> dict[np.dtype, str]:
+    """:func:`ml_dtypes_table`, or nothing while ml_dtypes is not imported (no dtype can then
+    be one of its types, and importing it costs a second)."""
+    return ml_dtypes_table() if "ml_dtypes" in sys.modules else {}
+
+
+def __getattr__(name: str) -> dict[np.dtype, str]:
+    """``_ML_DTYPES``, the table's name before ml_dtypes was imported lazily (tests use it)."""
+    if name == "_ML_DTYPES":
+        return ml_dtypes_table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def zarr_name(dtype: np.dtype) -> str | None:
     """The Zarr v3 ``data_type`` name of a native-order dtype, or None if unsupported."""
     dtype = dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
-    return _NUMPY_NAMES.get(dtype) or _ML_DTYPES.get(dtype)
+    return _NUMPY_NAMES.get(dtype) or _loaded_ml_dtypes().get(dtype)
 
 
 def native_dtype(name: str) -> np.dtype:
     """The numpy dtype of a Zarr v3 ``data_type`` name written by zarrckpt."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unsupported Zarr data type {name!r}") from None
+    if name in _NUMPY_BY_NAME:
+        return _NUMPY_BY_NAME[name]
+    if name in _ML_NAMES:
+        for dtype, ml_name in ml_dtypes_table().items():
+            if ml_name == name:
+                return dtype
+    raise ValueError(f"unsupported Zarr data type {name!r}")
 
 
 def is_supported(dtype: np.dtype) -> bool:
@@ -76,106 +89,6 @@ def fill_value_json(dtype: np.dtype) -> Any:
         return False
     if dtype.kind == "c":
         return [0.0, 0.0]
-    if dtype.kind in "iu" or (
-        dtype in _ML_DTYPES and _ML_DTYPES[dtype].startswith(("int", "uint"))
-    ):
+    if dtype.kind in "iu" or _loaded_ml_dtypes().get(dtype, "").startswith(("int", "uint")):
         return 0
     return 0.0
-
-
-# --- registration in zarr-python ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class _MLDType(ZDType[np.dtype, np.generic], HasItemSize):
-    """A zarr-python data type wrapping one ml_dtypes type (subclassed once per type)."""
-
-    _zarr_v3_name: ClassVar[str]
-    _native: ClassVar[np.dtype]
-
-    @classmethod
-    def _check_native_dtype(cls, dtype: Any) -> TypeGuard[np.dtype]:
-        return isinstance(dtype, np.dtype) and dtype == cls._native
-
-    @classmethod
-    def from_native_dtype(cls, dtype: Any) -> _MLDType:
-        if cls._check_native_dtype(dtype):
-            return cls()
-        raise DataTypeValidationError(f"Invalid data type: {dtype}. Expected {cls._native}")
-
-    def to_native_dtype(self) -> np.dtype:
-        return self._native
-
-    @classmethod
-    def _from_json_v2(cls, data: Any) -> _MLDType:
-        raise DataTypeValidationError(f"{cls._zarr_v3_name} is not a Zarr v2 data type")
-
-    @classmethod
-    def _from_json_v3(cls, data: Any) -> _MLDType:
-        if data == cls._zarr_v3_name:
-            return cls()
-        raise DataTypeValidationError(f"Expected {cls._zarr_v3_name!r}, got {data!r}")
-
-    def to_json(self, zarr_format: int) -> Any:
-        if zarr_format == 3:
-            return self._zarr_v3_name
-        raise ValueError(f"{self._zarr_v3_name} exists only in Zarr v3")
-
-    def _check_scalar(self, data: object) -> bool:
-        return isinstance(data, (int, float, np.generic))
-
-    def cast_scalar(self, data: object) -> np.generic:
-        if not self._check_scalar(data):
-            raise TypeError(f"Cannot convert {data!r} to {self._zarr_v3_name}")
-        return self._native.type(data)
-
-    def default_scalar(self) -> np.generic:
-        return self._native.type(0)
-
-    def from_json_scalar(self, data: Any, *, zarr_format: int) -> np.generic:
-        specials = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-        if isinstance(data, str) and data in specials:
-            return self._native.type(specials[data])
-        if isinstance(data, str) and data.startswith("0x"):
-            # Hex fill values are the type's own bits, not float16's.
-            raw = int(data, 16).to_bytes(self.item_size, "little")
-            return np.frombuffer(raw, dtype=self._native)[0]
-        if isinstance(data, (int, float)):
-            return self._native.type(data)
-        raise TypeError(f"Invalid fill value {data!r} for {self._zarr_v3_name}")
-
-    def to_json_scalar(self, data: object, *, zarr_format: int) -> Any:
-        value = float(self.cast_scalar(data))
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return int(value) if self._native.kind in "iuV" and self.item_size == 1 else value
-
-    @property
-    def item_size(self) -> int:
-        return self._native.itemsize
-
-
-@dataclass(frozen=True, kw_only=True)
-class _MLDTypeWithEndianness(_MLDType, HasEndianness):
-    """Multi-byte ml_dtypes types (bfloat16): zarr writes ``bytes`` with ``endian: little``."""
-
-
-def _register() -> None:
-    for native, name in _ML_DTYPES.items():
-        try:
-            data_type_registry.get(name)
-            continue  # a newer zarr (or another library) already knows it
-        except KeyError:
-            pass
-        base = _MLDTypeWithEndianness if native.itemsize > 1 else _MLDType
-        cls = type(
-            f"ZarrCkpt_{name}",
-            (base,),
-            {"_zarr_v3_name": name, "_native": native, "dtype_cls": type(native)},
-        )
-        data_type_registry.register(name, dataclass(frozen=True, kw_only=True)(cls))
-
-
-_register()

@@ -76,6 +76,16 @@ def _iso(timestamp: float) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _human(nbytes: float) -> str:
+    """``1.5 KiB``: the text of ``_repr.human``, which ``ls`` cannot import (``_repr`` imports
+    NumPy); ``tests/test_startup.py`` keeps the two alike."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
 def _shape(shape: Sequence[int]) -> str:
     return "×".join(map(str, shape)) or "scalar"
 
@@ -273,7 +283,6 @@ async def _check_zarr_jsons(
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from ._commit import read_manifest
-    from ._repr import human
     from ._storage import open_storage
     from ._sync import run
 
@@ -299,7 +308,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     width = max(4, len(str(steps[-1]["step"])))
     print(f"{'step':>{width}}  {'time (UTC)':<20}  {'leaves':>7}  {'size':>10}")
     for s in steps:
-        print(f"{s['step']:>{width}}  {s['time']:<20}  {s['leaves']:>7}  {human(s['nbytes']):>10}")
+        print(f"{s['step']:>{width}}  {s['time']:<20}  {s['leaves']:>7}  {_human(s['nbytes']):>10}")
     return 0
 
 
@@ -361,9 +370,7 @@ def _value_text(rec: dict[str, Any], values: dict[str, Any], nbytes: int) -> str
 
 def _value_repr(rec: dict[str, Any], values: dict[str, Any], nbytes: int) -> str:
     if rec["path"] not in values:  # too long to show
-        from ._repr import human
-
-        return f"({human(nbytes)} of {'text' if rec['kind'] == 'str' else rec['kind']})"
+        return f"({_human(nbytes)} of {'text' if rec['kind'] == 'str' else rec['kind']})"
     text = repr(values[rec["path"]])
     return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 1] + "…"
 
@@ -417,7 +424,6 @@ def _leaf_info(opened: OpenStep, array: LazyArray) -> LeafInfo:
 
 
 def _cmd_tree(args: argparse.Namespace) -> int:
-    from ._repr import human
     from .checkpoint import LazyArray
 
     opened, ckpt, node = _node(args)
@@ -445,7 +451,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         return 0
     title = ckpt.location + (f" :: {args.path}" if args.path else "")
     print(
-        f"{title} (step {ckpt.step}): {_leaves(len(leaves))}, {human(sum(x.nbytes for x in leaves))}"
+        f"{title} (step {ckpt.step}): {_leaves(len(leaves))}, {_human(sum(x.nbytes for x in leaves))}"
     )
     rows: list[tuple[str, Any]] = []
 
@@ -472,7 +478,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         else:
             print(
                 f"{name:<{width}}  {_shape(leaf.shape):>12} {leaf.dtype!s:<9} "
-                f"{human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}"
+                f"{_human(leaf.nbytes):>10}  chunks {_shape(leaf.chunks)}  {leaf.codec}"
                 f"{_kind_text(records[leaf.path])}"
             )
     return 0
@@ -495,7 +501,6 @@ def _totals(leaves: list[Any]) -> dict[str, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ._repr import human
     from .checkpoint import LazyArray
 
     opened, ckpt, node = _node(args)
@@ -527,7 +532,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if key == "value":
             value = value_text
         elif key == "nbytes":
-            value = f"{value} ({human(value)})"
+            value = f"{value} ({_human(value)})"
         elif key in ("shape", "chunks"):
             value = _shape(value)
         elif isinstance(value, dict):
@@ -716,7 +721,6 @@ def _verify_latest(storage: Storage, progress: Callable[[int], None]) -> _StepCh
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from ._commit import read_manifest
-    from ._repr import human
     from ._storage import open_storage
     from ._sync import run
 
@@ -753,7 +757,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"url": storage.url, "ok": ok, "steps": [c.to_json() for c in checks]})
         return 0 if ok else 1
     for c in checks:
-        head = f"step {c.step}: {_leaves(c.leaves)}, {human(c.nbytes)}, {c.chunks} chunks"
+        head = f"step {c.step}: {_leaves(c.leaves)}, {_human(c.nbytes)}, {c.chunks} chunks"
         if c.dropped:
             print(f"step {c.step}: dropped by a newer commit while being verified (not checked)")
         elif c.error:
@@ -957,7 +961,6 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 def _cmd_cp(args: argparse.Namespace) -> int:
     from ._commit import read_manifest
     from ._copy import copy_step
-    from ._repr import human
     from ._storage import open_storage
     from ._sync import run
 
@@ -996,7 +999,7 @@ def _cmd_cp(args: argparse.Namespace) -> int:
             "nbytes": done.nbytes, "files": done.files,
         })  # fmt: skip
         if not args.json:
-            size = f"{_leaves(done.leaves)}, {human(done.nbytes)}"
+            size = f"{_leaves(done.leaves)}, {_human(done.nbytes)}"
             print(f"step {done.step} -> {done.location} ({size})")
     if args.json:
         _print_json({
@@ -1014,7 +1017,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ._convert import read_msgpack
     from ._copy import check_destination
     from ._manifest import parse_step_dir
-    from ._repr import human
     from ._storage import open_storage
     from ._sync import run
     from .api import save_pytree
@@ -1045,7 +1047,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        size = f", {_leaves(info.leaves)}, {human(info.nbytes)}" if info else ""
+        size = f", {_leaves(info.leaves)}, {_human(info.nbytes)}" if info else ""
         print(f"{args.src} -> {location} (step {step}{size})")
     return 0
 

@@ -16,6 +16,9 @@ Which client serves a URL: the ``backend`` argument, else a ``"backend"`` entry 
 ``ZARRCKPT_STORAGE_BACKEND`` environment variable, else ``"auto"``: obstore where it is
 installed and takes the options, fsspec otherwise. Defaults from fsspec's configuration
 (``fsspec.config.conf["s3"]``, ``FSSPEC_S3_*`` variables) apply to both clients.
+
+Only the local backend is imported with this package: zarr, fsspec and obstore come with the
+first location that needs them, so that ``zarrckpt ls DIR`` needs none of them (issue 17).
 """
 
 from __future__ import annotations
@@ -23,17 +26,16 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Any
-
-import fsspec.config
-import fsspec.core
-from zarr.abc.store import Store
-from zarr.storage import FsspecStore
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreCredentialsError, UnknownProtocolError
 from .base import Storage, check_key
 from .local import LocalStorage
-from .objects import GCSStorage, S3Storage, StoreStorage, protocols
+
+if TYPE_CHECKING:  # __getattr__ imports them at run time, with zarr and fsspec
+    from zarr.abc.store import Store
+
+    from .objects import GCSStorage, S3Storage, StoreStorage
 
 __all__ = [
     "BACKENDS",
@@ -55,7 +57,31 @@ _FAMILIES = ({"s3", "s3a"}, {"gs", "gcs"}, {"az", "abfs", "abfss"})
 BACKENDS = ("auto", "obstore", "fsspec")
 
 
+def __getattr__(name: str) -> type[Storage]:
+    """The zarr-store backends (``_storage.objects``), imported on first use with zarr."""
+    if name in ("GCSStorage", "S3Storage", "StoreStorage"):
+        from . import objects
+
+        return getattr(objects, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _split_protocol(url: str) -> tuple[str | None, str]:
+    """``fsspec.core.split_protocol`` without importing fsspec: ``("s3", "b/k")`` of
+    ``s3://b/k``, ``(None, path)`` of a path (``C://x`` is a Windows path)."""
+    protocol, sep, path = url.partition("://")
+    if sep and len(protocol) > 1:
+        return protocol, path
+    if url.startswith("data:"):
+        return "data", url[len("data:") :]
+    return None, url
+
+
 def _for_store(store: Store, url: str | None = None) -> Storage:
+    from zarr.storage import FsspecStore
+
+    from .objects import GCSStorage, S3Storage, StoreStorage, protocols
+
     if isinstance(store, FsspecStore) and protocols(store) & _S3 and hasattr(store.fs, "_call_s3"):
         return S3Storage(store, url or f"s3://{store.path}")
     if isinstance(store, FsspecStore) and protocols(store) & _GCS and hasattr(store.fs, "_call"):
@@ -78,6 +104,8 @@ def _backend(options: dict[str, Any], backend: str | None) -> tuple[str, bool]:
 
 def _fsspec_defaults(protocol: str) -> dict[str, Any]:
     """fsspec's configured defaults for ``protocol`` (what ``fsspec.filesystem`` would apply)."""
+    import fsspec.config
+
     family = next((f for f in _FAMILIES if protocol in f), {protocol})
     defaults: dict[str, Any] = {}
     for name in sorted(family):
@@ -124,19 +152,11 @@ def open_storage(
     choice, explicit = _backend(options, backend)
     if isinstance(location, Storage):
         return location
-    if isinstance(location, Store):
-        return _for_store(location)
-    if isinstance(location, fsspec.FSMap):  # fs.get_mapper("bucket/run"): a built filesystem
-        store = FsspecStore.from_mapper(location, read_only=read_only)
-        proto = next(iter(protocols(store)), "")
-        return _for_store(store, f"{proto}://{location.root}" if proto else location.root)
     if isinstance(location, os.PathLike):
         location = os.fspath(location)
     if not isinstance(location, str):
-        raise TypeError(
-            f"expected a path, an fsspec URL or a zarr Store, got {type(location).__name__}"
-        )
-    protocol, path = fsspec.core.split_protocol(location)
+        return _open_object(location, read_only)
+    protocol, path = _split_protocol(location)
     if choice == "obstore" and explicit and protocol not in OBSTORE_PROTOCOLS:
         raise ValueError(f"backend='obstore' serves s3://, gs:// and az:// URLs, not {location!r}")
     if protocol in (None, "file", "local"):
@@ -151,6 +171,8 @@ def open_storage(
         # s3fs sends a HEAD before every whole-object GET unless max_concurrency is 1; our
         # objects are single chunks, so this halves the requests of a load.
         options.setdefault("max_concurrency", 1)
+    from zarr.storage import FsspecStore
+
     try:
         store = FsspecStore.from_url(location, storage_options=options, read_only=read_only)
     except ValueError as exc:
@@ -158,6 +180,26 @@ def open_storage(
             raise
         raise UnknownProtocolError(_unknown_protocol(location, str(protocol))) from exc
     return _for_store(store, location)
+
+
+def _open_object(location: Any, read_only: bool) -> Storage:
+    """A :class:`Storage` for a zarr ``Store`` or an fsspec mapper (whoever built one has
+    imported zarr or fsspec already: the imports here cost nothing then)."""
+    import fsspec
+    from zarr.abc.store import Store
+    from zarr.storage import FsspecStore
+
+    from .objects import protocols
+
+    if isinstance(location, Store):
+        return _for_store(location)
+    if isinstance(location, fsspec.FSMap):  # fs.get_mapper("bucket/run"): a built filesystem
+        store = FsspecStore.from_mapper(location, read_only=read_only)
+        proto = next(iter(protocols(store)), "")
+        return _for_store(store, f"{proto}://{location.root}" if proto else location.root)
+    raise TypeError(
+        f"expected a path, an fsspec URL or a zarr Store, got {type(location).__name__}"
+    )
 
 
 #: protocols a mistyped one is compared with ("s4" -> "s3", "azure" -> "az", "gcp" -> "gcs")
