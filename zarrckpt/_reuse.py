@@ -48,12 +48,13 @@ def chunk_hashes(layout: ArrayLayout, array: np.ndarray) -> list[str]:
 def _chunk_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str:
     view = layout.chunk_view(array, idx)
     if view is None:
-        return xxhash.xxh3_128_hexdigest(layout.chunk_data(array, idx).reshape(-1).view(np.uint8))
+        copy = layout.chunk_data(array, idx).reshape(-1).view(np.uint8)
+        return xxhash.xxh3_128_hexdigest(copy.data)
     raw, pad = view
     if not pad:
-        return xxhash.xxh3_128_hexdigest(raw)
-    hasher = xxhash.xxh3_128(raw)  # an edge chunk: its bytes, then the padding, uncopied
-    hasher.update(np.zeros(pad, dtype=np.uint8))
+        return xxhash.xxh3_128_hexdigest(raw.data)
+    hasher = xxhash.xxh3_128(raw.data)  # an edge chunk: its bytes, then the padding, uncopied
+    hasher.update(np.zeros(pad, np.uint8).data)
     return hasher.hexdigest()
 
 
