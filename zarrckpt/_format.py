@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c
-import numcodecs
 import numpy as np
 
 from . import _dtypes
@@ -61,7 +60,8 @@ if sys.byteorder != "little":  # pragma: no cover
 #: to trade load speed for finer slicing. (Object stores default to 16 MiB: see ``_storage``.)
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
-_COMPRESSORS = {"zstd": (numcodecs.Zstd, 1), "gzip": (numcodecs.GZip, 5)}
+#: codec name -> its default level (numcodecs is imported when a chunk is (de)compressed)
+_COMPRESSORS = {"zstd": 1, "gzip": 5}
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
@@ -83,7 +83,7 @@ def parse_codec(codec: str) -> str:
             f"unknown codec {codec!r}; expected 'none', 'zstd[:LEVEL]' or 'gzip[:LEVEL]'"
         )
     try:
-        lvl = int(level) if level else _COMPRESSORS[name][1]
+        lvl = int(level) if level else _COMPRESSORS[name]
     except ValueError:
         raise ValueError(f"codec {codec!r}: the level must be an integer") from None
     return f"{name}:{lvl}"
@@ -92,7 +92,9 @@ def parse_codec(codec: str) -> str:
 @functools.cache
 def _compressor(name: str, level: int) -> Any:
     """The numcodecs codec for ``name:level`` (stateless between calls: one is shared)."""
-    return _COMPRESSORS[name][0](level=level)
+    import numcodecs
+
+    return {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip}[name](level=level)
 
 
 def default_codec(dtype: np.dtype) -> str:
@@ -493,7 +495,7 @@ class ArrayLayout:
                         f"{'no size' if declared is None else f'{declared} bytes'}, the chunk "
                         f"holds {self.chunk_nbytes})"
                     )
-                return bytes(numcodecs.Zstd().decode(payload))  # allocates what it declares
+                return bytes(_compressor("zstd", 1).decode(payload))  # allocates what it declares
             stream = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip, one member
             raw = stream.decompress(payload.data, self.chunk_nbytes + 1)
             if len(raw) <= self.chunk_nbytes and (not stream.eof or stream.unused_data):

@@ -6,23 +6,30 @@ prints a warning in place of a bar; a text bar on stderr is the better fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-if importlib.util.find_spec("ipywidgets") is not None:
-    from tqdm.auto import tqdm
-else:
-    from tqdm.std import tqdm
+__all__ = ["bar_class", "progress_bar"]
 
-__all__ = ["progress_bar", "tqdm"]
+
+@functools.cache
+def bar_class() -> Any:
+    """tqdm's bar class (imported on first use: a command line that shows no bar skips it)."""
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
 
 
 @contextmanager
 def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A byte progress bar, shown only for operations that last more than a second."""
-    bar = tqdm(
+    bar = bar_class()(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
         delay=1.0, leave=False, disable=not enabled, file=sys.stderr,
     )  # fmt: skip

@@ -127,9 +127,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _bar(args: argparse.Namespace, total: int, desc: str) -> Any:
-    from ._progress import tqdm
+    from ._progress import bar_class
 
-    return tqdm(
+    return bar_class()(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=0.5,
         leave=False, disable=not _progress(args), file=sys.stderr,
     )  # fmt: skip
