@@ -180,8 +180,8 @@ _SHAPES_KEPT = 4
 
 def _note_shape(record: bytes, shape: Any) -> None:
     _shapes[xxhash.xxh3_128_digest(record)] = shape
-    while len(_shapes) > _SHAPES_KEPT:
-        _shapes.pop(next(iter(_shapes)), None)
+    for stale in list(_shapes)[:-_SHAPES_KEPT]:  # (list() copies at once: saves on threads)
+        _shapes.pop(stale, None)
 
 
 def _old_shape(record: bytes) -> Any:

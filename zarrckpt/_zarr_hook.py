@@ -11,7 +11,8 @@ zarr is installed) finds zarr without importing it. (zarr 3.4 would take ``zarr.
 entry points instead; zarr 3.1, the release Python 3.11 resolves, ignores them.)
 
 Safety: the import system calls ``find_spec`` holding its global import lock, so the finder
-needs no lock of its own. A failing look-up returns None, and the import goes on as if the
+needs no lock of its own; ``sys.meta_path`` is rebound, never changed in place, as another
+thread's import may be iterating it. A failing look-up returns None, and the import goes on as if the
 finder were not there. A failing registration is raised from ``import zarr``, as it used to be
 from ``import zarrckpt``, and again at the next try: a zarr that cannot be given these types
 should not pass silently.
@@ -50,8 +51,8 @@ class _RegisteringLoader(importlib.abc.Loader):
         module.__loader__ = self._loader
         self._loader.exec_module(module)
         importlib.import_module(_REGISTER)
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
+        # Rebound, never changed in place: another thread's import may be iterating the list.
+        sys.meta_path = [f for f in sys.meta_path if f is not self._finder]
 
     def __getattr__(self, name: str) -> Any:  # is_package, get_code, get_resource_reader ...
         return getattr(self._loader, name)
@@ -91,4 +92,4 @@ def install() -> None:
     if "zarr" in sys.modules:
         importlib.import_module(_REGISTER)
     elif not any(isinstance(f, _ZarrFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _ZarrFinder())
+        sys.meta_path = [_ZarrFinder(), *sys.meta_path]

@@ -393,18 +393,20 @@ class LocalStorage(Storage):
         """Note the identity of a file written or linked into one of this process's steps."""
         step_dir, _, rest = key.partition("/")
         mine = _own.get((self._real(), step_dir))
-        if mine is not None and mine.written is not None and rest:
-            mine.written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        written = mine.written if mine is not None else None  # once: another save may drop it
+        if written is not None and rest:
+            written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _recorded(self, key: str) -> _Identity | None:
         """The identity :meth:`_remember` noted for ``key`` (None: not one of ours)."""
         step_dir, _, rest = key.partition("/")
         mine = _own.get((self._real(), step_dir))
-        return mine.written.get(rest) if mine is not None and mine.written else None
+        written = mine.written if mine is not None else None
+        return written.get(rest) if written else None
 
     def _intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
         mine = _own.get((self._real(), step_dir))
-        written = mine.written if mine is not None and mine.written is not None else {}
+        written = (mine.written if mine is not None else None) or {}
         intact = set()
         for key in keys:
             try:
@@ -481,12 +483,13 @@ class LocalStorage(Storage):
         for _ in range(2):
             try:
                 os.link(source, target, follow_symlinks=False)
-                self._remember(dst, st)
+                with contextlib.suppress(OSError):  # gone at once: then nothing is noted
+                    self._remember(dst, os.lstat(target))  # what was linked, not ``st``
                 return True
             except FileExistsError:
                 there = os.lstat(target)
                 if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
-                    self._remember(dst, st)
+                    self._remember(dst, there)
                     return True  # a recycled spare already shares it
                 os.unlink(target)
             except FileNotFoundError:
@@ -673,6 +676,8 @@ class LocalStorage(Storage):
             for key in [key for key in _own if key[0] == real]:
                 if not os.path.isdir(self._path(key[1])):
                     del _own[key]
+            if mine.written is None:  # a spare whose identities were forgotten: a new life
+                mine.written = {}
             _own[(real, step_dir)] = mine
             ours = [key for key in _own if key[0] == real]  # oldest first
             for key in ours[: max(0, len(ours) - _OWN_PER_ROOT)]:
