@@ -7,11 +7,11 @@ import numpy as np
 from hypothesis import strategies as st
 
 import zarrckpt
-from zarrckpt._dtypes import _ML_DTYPES
+from zarrckpt._dtypes import ml_dtypes_table
 
 NUMERIC = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
            "float16", "float32", "float64", "complex64", "complex128"]  # fmt: skip
-ML = [np.dtype(d) for d in _ML_DTYPES]
+ML = [np.dtype(d) for d in ml_dtypes_table()]
 ALL_DTYPES = NUMERIC + ML
 
 

@@ -55,13 +55,6 @@ def _loaded_ml_dtypes() -> dict[np.dtype, str]:
     return ml_dtypes_table() if "ml_dtypes" in sys.modules else {}
 
 
-def __getattr__(name: str) -> dict[np.dtype, str]:
-    """``_ML_DTYPES``, the table's name before ml_dtypes was imported lazily (tests use it)."""
-    if name == "_ML_DTYPES":
-        return ml_dtypes_table()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def zarr_name(dtype: np.dtype) -> str | None:
     """The Zarr v3 ``data_type`` name of a native-order dtype, or None if unsupported."""
     dtype = dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype

@@ -13,7 +13,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["bar_class", "progress_bar"]
+__all__ = ["bar_class", "human", "progress_bar"]
+
+
+def human(nbytes: float) -> str:
+    """``1.5 KiB``: a byte count as bars, reprs and the command line show it."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
 
 
 @functools.cache

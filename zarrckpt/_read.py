@@ -41,8 +41,7 @@ from ._manifest import (
     parse_json,
     parse_step_record,
 )
-from ._progress import progress_bar
-from ._repr import human
+from ._progress import human, progress_bar
 from ._storage import Storage, open_storage
 from ._sync import run
 from .errors import (

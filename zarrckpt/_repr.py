@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._progress import human
 from .errors import ZarrCkptError
 
 if TYPE_CHECKING:
@@ -73,14 +74,6 @@ _PY_SCALARS: dict[str, Callable[[Any], Any]] = {
 }  # fmt: skip
 # Leaf kinds whose values are not a plain array: the dtype column names them.
 _SHOWN_KINDS = {"str", "bytes", "py", "npscalar", "quantity", "prngkey"}
-
-
-def human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _dims(shape: Sequence[int]) -> str:

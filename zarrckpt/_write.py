@@ -23,8 +23,7 @@ from ._commit import commit_step, read_manifest_versioned
 from ._engine import LeafData, write_step
 from ._format import ArrayLayout
 from ._manifest import Manifest, StepInfo, checksum, new_step_dir, step_record_bytes
-from ._progress import progress_bar
-from ._repr import human
+from ._progress import human, progress_bar
 from ._sharding import Shards
 from ._storage import open_storage
 from ._sync import run

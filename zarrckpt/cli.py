@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from ._progress import human as _human
 from .errors import (
     AlreadyExistsError,
     CheckpointNotFoundError,
@@ -74,16 +75,6 @@ class UsageError(Exception):
 def _iso(timestamp: float) -> str:
     when = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _human(nbytes: float) -> str:
-    """``1.5 KiB``: the text of ``_repr.human``, which ``ls`` cannot import (``_repr`` imports
-    NumPy); ``tests/test_startup.py`` keeps the two alike."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
 
 
 def _shape(shape: Sequence[int]) -> str:

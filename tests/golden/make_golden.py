@@ -504,7 +504,7 @@ def main() -> None:
     assert Path(zarrckpt.__file__).resolve().is_relative_to(repo), zarrckpt.__file__
     from zarrckpt import _dtypes  # only to check this file covers the release's dtypes
 
-    supported = set(_dtypes._ML_DTYPES.values())
+    supported = set(_dtypes.ml_dtypes_table().values())
     assert supported == set(ML_DTYPES), supported ^ set(ML_DTYPES)
 
     out = HERE / f"v{zarrckpt.__version__}"
