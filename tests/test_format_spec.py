@@ -512,7 +512,7 @@ def test_leaf_zarr_json_is_the_documented_function_of_the_record(tmp_path: Path)
     root = tmp_path / "run"
     zarrckpt.save_pytree(
         root,
-        {"W": np.zeros((3, 4), np.float32), "s": np.zeros(2, bool), "c": np.complex64(1j)},
+        {"W": np.zeros((3, 4), np.float32), "s": np.zeros(65, bool), "c": np.complex64(1j)},
         verbose=False,
         chunk_bytes=16,
         dims={"W": ("pre", "post")},

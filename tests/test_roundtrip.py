@@ -86,6 +86,22 @@ def test_chunked_arrays_across_codecs(url, codec, shape):
     assert_same(roundtrip(url, tree, chunk_bytes=100, codec=codec), tree)
 
 
+def test_default_codec_by_dtype_and_size(tmp_path):
+    """Integer and bool leaves get zstd:1, floats none, and so do leaves of at most 64 bytes
+    (a zstd frame only adds bytes to a scalar; reading ``epoch_i`` needs no numcodecs)."""
+    tree = {
+        "w": np.zeros(100, np.float32), "spikes": np.zeros(100, bool), "n": np.zeros(100, np.int32),
+        "epoch_i": 3, "flags": np.zeros(64, bool), "mask": np.zeros(65, bool), "name": "run-a",
+    }  # fmt: skip
+    zarrckpt.save_pytree(str(tmp_path), tree, verbose=False)
+    ckpt = zarrckpt.open_checkpoint(str(tmp_path))
+    assert {path: ckpt[path].codec for path in tree} == {
+        "w": "none", "spikes": "zstd:1", "n": "zstd:1", "epoch_i": "none", "flags": "none",
+        "mask": "zstd:1", "name": "none",
+    }  # fmt: skip
+    assert_same(zarrckpt.load_pytree(str(tmp_path)), tree)
+
+
 def test_bad_codec_and_chunk_values(url):
     with pytest.raises(ValueError, match="unknown codec 'lz4'"):
         zarrckpt.save_pytree(url, {"a": np.ones(2)}, codec="lz4", verbose=False)

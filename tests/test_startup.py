@@ -18,10 +18,12 @@ import pytest
 import zarrckpt
 from zarrckpt import _repr, cli
 
-#: what ``import zarrckpt`` and ``zarrckpt ls`` must not import (fsspec: a local root needs none)
-HEAVY = ("zarr", "ml_dtypes", "numpy", "jax", "fsspec")
-#: what ``tree`` and ``info`` must not import (they read leaves' values, with NumPy)
-NOT_FOR_TREE = ("zarr", "ml_dtypes", "jax", "fsspec")
+#: what ``import zarrckpt`` and ``zarrckpt ls`` must not import (fsspec: a local root needs none;
+#: importlib.metadata: only ``__version__`` and ``--version`` read the installed version)
+HEAVY = ("zarr", "ml_dtypes", "numpy", "jax", "fsspec", "numcodecs", "importlib.metadata")
+#: what ``tree`` and ``info`` must not import (they read leaves' values with NumPy; ``epoch_i``
+#: is stored uncompressed, being at most 64 bytes, so no numcodecs)
+NOT_FOR_TREE = ("zarr", "ml_dtypes", "jax", "fsspec", "numcodecs", "importlib.metadata")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ Drop-in for ``bp.checkpoints``::
 # plain Python and stay eager.
 
 from importlib import import_module as _import_module
-from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from . import _zarr_hook
@@ -44,6 +43,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; __getattr__ imports them a
     from .api import latest_step, list_steps, load_pytree, save_pytree
     from .checkpoint import Checkpoint, LazyArray, TreeView, open_checkpoint
 
+    __version__: str
+
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
     "AsyncManager": "._async",
@@ -67,6 +68,9 @@ _SUBMODULES = ("api", "checkpoint")
 
 def __getattr__(name: str) -> Any:
     """``zarrckpt.save_pytree`` & co.: imported on first access, then kept in the module."""
+    if name == "__version__":  # importlib.metadata alone costs a command ~30 ms
+        globals()[name] = value = _version()
+        return value
     if name in _SUBMODULES:
         return _import_module(f".{name}", __name__)  # which binds it here
     module = _LAZY.get(name)
@@ -77,6 +81,16 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def _version() -> str:
+    """The installed distribution's version, written in one place: pyproject.toml."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("zarrckpt")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "0+unknown"
+
+
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
@@ -84,11 +98,6 @@ def __dir__() -> list[str]:
 # The promise ``import zarrckpt`` makes: zarr-python reads bfloat16 & co. (now, or as soon as
 # zarr is imported, without importing it here).
 _zarr_hook.install()
-
-try:  # written in one place, pyproject.toml; installing the package records it
-    __version__ = _metadata.version("zarrckpt")
-except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "AlreadyExistsError",

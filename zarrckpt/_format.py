@@ -97,14 +97,20 @@ def _compressor(name: str, level: int) -> Any:
     return {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip}[name](level=level)
 
 
-def default_codec(dtype: np.dtype) -> str:
-    """The codec used when none is given.
+#: Leaves of at most this many bytes are stored uncompressed whatever their dtype: a zstd frame
+#: costs ~10 bytes, so a scalar or a short counter only grows, and reading it back (``zarrckpt
+#: tree`` shows ``epoch_i``) would import numcodecs for nothing
+SMALL_LEAF_BYTES = 64
+
+
+def default_codec(dtype: np.dtype, nbytes: int) -> str:
+    """The codec used when none is given, for a leaf of ``nbytes`` bytes.
 
     Float weights and potentials are close to incompressible (zstd saves ~8% on float32
     noise and makes loading several times slower), while bool spikes and integer counters
     are mostly zeros and shrink by orders of magnitude with a fast zstd level.
     """
-    return "zstd:1" if dtype.kind in "biu" else "none"
+    return "zstd:1" if dtype.kind in "biu" and nbytes > SMALL_LEAF_BYTES else "none"
 
 
 def encoded_bound(nbytes: int, compressed: bool) -> int:
@@ -190,9 +196,11 @@ class ArrayLayout:
             chunks = aligned_chunks(array, chunk_bytes)
         else:
             chunks = chunk_shape(array.shape, dtype.itemsize, chunk_bytes)
-        return cls(
-            array.shape, dtype, chunks, parse_codec(codec) if codec else default_codec(dtype)
-        )
+        if codec:
+            codec = parse_codec(codec)
+        else:
+            codec = default_codec(dtype, math.prod(array.shape) * dtype.itemsize)
+        return cls(array.shape, dtype, chunks, codec)
 
     # --- index entries (the step record) -----------------------------------------------------
 

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from ._progress import human as _human
 from .errors import (
     AlreadyExistsError,
@@ -301,6 +300,16 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for s in steps:
         print(f"{s['step']:>{width}}  {s['time']:<20}  {s['leaves']:>7}  {_human(s['nbytes']):>10}")
     return 0
+
+
+class _Version(argparse.Action):
+    """``--version``, reading the installed version (importlib.metadata, ~30 ms) only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        import zarrckpt
+
+        print(f"zarrckpt {zarrckpt.__version__}")  # to stdout, as argparse's own action does
+        parser.exit()
 
 
 # --- tree / info / cat ----------------------------------------------------------------------------
@@ -1084,7 +1093,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Look into, check, compare, copy and convert zarrckpt checkpoints.",
         epilog="Exit status: 0 ok, 1 a check failed (verify; diff --exit-code), 2 errors.",
     )
-    parser.add_argument("--version", action="version", version=f"zarrckpt {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
