@@ -231,3 +231,37 @@ sys.exit(os.waitstatus_to_exitcode(status))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert zarrckpt.load_pytree(str(tmp_path / "child"))["b"].tolist() == [0, 1, 2]
     assert zarrckpt.list_steps(str(tmp_path / "parent")) == [0]
+
+
+def test_the_collector_is_paused_only_while_the_caller_waits(tmp_path, monkeypatch):
+    """A foreground save pauses the cyclic garbage collector and restores it (also after an
+    error); a background save's writing runs with it on; a collector the user disabled stays
+    disabled."""
+    import gc
+
+    import zarrckpt._write as api
+
+    seen = []
+    write_step = api.write_step
+
+    async def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return await write_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "write_step", spy)
+    root = str(tmp_path / "run")
+    assert gc.isenabled()
+    zarrckpt.save_pytree(root, {"w": np.zeros(10)}, verbose=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(zarrckpt.AlreadyExistsError):
+        zarrckpt.save_pytree(root, {"w": np.zeros(10)}, overwrite=False, verbose=False)
+    assert gc.isenabled()
+    with AsyncManager() as manager:
+        zarrckpt.save_pytree(root, {"w": np.ones(10)}, async_manager=manager, verbose=False)
+    assert seen == [False, True] and gc.isenabled()
+    gc.disable()
+    try:
+        zarrckpt.save_pytree(root, {"w": np.zeros(10)}, verbose=False)
+        assert seen == [False, True, False] and not gc.isenabled()
+    finally:
+        gc.enable()

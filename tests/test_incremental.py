@@ -91,6 +91,29 @@ def test_a_save_loop_writes_what_changed(tmp_path, monkeypatch):
     assert os.stat(step_dir / "W/c.0.0").st_nlink == 2  # shared with the recycled spare
 
 
+def test_a_recycled_records_shape_is_recognised_without_the_cache(monkeypatch):
+    """A recycled spare's tree is compared with the new one by shape (layouts, not hashes):
+    from the cache of records this process wrote, or else from the record itself."""
+    from zarrckpt import _write
+    from zarrckpt._manifest import step_record_bytes
+
+    def shaped(state):
+        snapshot = _write.plan(state, copy=False, chunk_bytes=None, codec=None)
+        return snapshot, _write._shape(snapshot.record)  # before the hashes go in
+
+    snapshot, shape = shaped(_state(0))
+    snapshot.hash_chunks()
+    record = step_record_bytes(3, snapshot.record, 2)
+    monkeypatch.setattr(_write, "_shapes", {})  # another process's spare, or forgotten
+    assert _write._old_shape(record) == shape == shaped(_state(1))[1]  # other values
+    state = _state(0)
+    state["V"] = state["V"].astype(np.float64)
+    assert shaped(state)[1] != shape
+    _write._note_shape(record, b"noted")
+    assert _write._old_shape(record) == b"noted"
+    assert _write._old_shape(b"not json") is None
+
+
 @pytest.mark.parametrize("change", ["replaced", "rewritten", "removed"])
 def test_a_spare_file_changed_between_saves_is_not_trusted(tmp_path, change):
     """A save skips a recycled spare's file only while it is the very file this process
@@ -173,6 +196,48 @@ def test_the_same_jax_array_is_not_hashed_again(tmp_path, monkeypatch):
     out = zarrckpt.load_pytree(root)
     assert np.array_equal(out["W"], np.asarray(state["W"]))
     assert np.array_equal(out["V"], np.asarray(state["V"]))
+
+
+def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
+    """Leaves of at least 4 MiB are hashed on the I/O threads while the rest of the tree is
+    planned: the same hashes as in line, and none for a jax.Array an earlier save hashed."""
+    from zarrckpt import _write
+
+    jnp = pytest.importorskip("jax.numpy")
+    big = np.random.default_rng(0).standard_normal((1100, 1000)).astype(np.float32)  # 4.2 MiB
+    tree = {"big": big, "small": np.arange(10), "jbig": jnp.asarray(big)}
+
+    def planned(hash_ahead=True):
+        return _write.plan(tree, copy=False, chunk_bytes=1 << 20, codec=None, hash_ahead=hash_ahead)
+
+    snapshot = planned()
+    assert set(snapshot.hashing) == {"big", "jbig"}
+    hashes = snapshot.hash_chunks()
+    leaves = {leaf.path: leaf for leaf in snapshot.leaves}
+    for path, leaf in leaves.items():
+        assert hashes[path] == _reuse.chunk_hashes(leaf.layout, leaf.array)
+    assert len(hashes["big"]) == 5 and hashes["big"] == hashes["jbig"]
+    _reuse.remember(tree["jbig"], leaves["jbig"].layout, hashes["jbig"])
+    assert set(planned().hashing) == {"big"}
+    assert not planned(hash_ahead=False).hashing
+
+
+def test_a_jax_arrays_kind_is_remembered_while_it_lives():
+    import gc
+
+    from zarrckpt import _leaves
+
+    jnp = pytest.importorskip("jax.numpy")
+    a = jnp.arange(6.0)
+    first = _leaves.encode("a", a)
+    key = id(a)
+    assert key in _leaves._jax_kinds
+    second = _leaves.encode("b", a)
+    assert first[1] == second[1] == {"kind": "jax"} and first[1] is not second[1]
+    assert np.array_equal(first[0], second[0])
+    del a, first, second
+    gc.collect()
+    assert key not in _leaves._jax_kinds
 
 
 def test_a_link_in_a_strangers_previous_step_is_never_followed(tmp_path, monkeypatch):

@@ -175,6 +175,20 @@ def _zstd_content_size(frame: np.ndarray) -> int | None:
     return size + 256 if field == 2 else size
 
 
+def _codec_for(dtype: np.dtype, shape: tuple[int, ...], codec: str | None) -> str:
+    return parse_codec(codec) if codec else default_codec(dtype, math.prod(shape) * dtype.itemsize)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_for(
+    shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int, codec: str | None
+) -> ArrayLayout:
+    """The layout of an unsharded array (remembered: a state's thousands of leaves have a
+    few shapes, and a save loop asks again for each)."""
+    chunks = chunk_shape(shape, dtype.itemsize, chunk_bytes)
+    return ArrayLayout(shape, dtype, chunks, _codec_for(dtype, shape, codec))
+
+
 @dataclass(frozen=True)
 class ArrayLayout:
     """Shape, dtype, chunking and codec of one stored array."""
@@ -194,13 +208,8 @@ class ArrayLayout:
         chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
         if isinstance(array, Shards):
             chunks = aligned_chunks(array, chunk_bytes)
-        else:
-            chunks = chunk_shape(array.shape, dtype.itemsize, chunk_bytes)
-        if codec:
-            codec = parse_codec(codec)
-        else:
-            codec = default_codec(dtype, math.prod(array.shape) * dtype.itemsize)
-        return cls(array.shape, dtype, chunks, codec)
+            return cls(array.shape, dtype, chunks, _codec_for(dtype, array.shape, codec))
+        return _layout_for(array.shape, dtype, chunk_bytes, codec)
 
     # --- index entries (the step record) -----------------------------------------------------
 

@@ -24,8 +24,10 @@ taken from the target instead of calling :func:`encode`; elsewhere :func:`encode
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+import weakref
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -208,6 +210,22 @@ def immutable_array(value: Any) -> Any | None:
     return None
 
 
+#: id(jax.Array) -> (a weak reference to it, its kind record): a save loop's unchanged JAX
+#: leaves are the very objects it encoded before, and a jax.Array never changes (its kind,
+#: dtype and sharding included), so the checks of :func:`encode` are made once per array
+_jax_kinds: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
+
+
+def _remember_kind(value: Any, rec: dict[str, Any]) -> None:
+    key = id(value)
+
+    def forget(_: weakref.ref[Any]) -> None:
+        _jax_kinds.pop(key, None)
+
+    with contextlib.suppress(TypeError):  # an array type without weak references: forgotten
+        _jax_kinds[key] = (weakref.ref(value, forget), rec)
+
+
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:
     """A host array for ``value`` and its kind record.
 
@@ -217,6 +235,9 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     """
     if type(value) is np.ndarray:  # the commonest leaf, without the checks below
         return _host_array(path, value, copy), {"kind": "ndarray"}
+    known = _jax_kinds.get(id(value))
+    if known is not None and known[0]() is value:  # a jax.Array encoded before: immutable
+        return np.asarray(value), dict(known[1])
     bp_array = _brainpy_array_type()
     if _is(value, bp_array):
         return _host_array(path, value.value, copy), {
@@ -246,7 +267,10 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
         data = jax.random.key_data(value)
         return _host_array(path, data, copy), {"kind": "prngkey", "impl": _key_impl(value)}
     if _is(value, _module_attr("jax", "Array")):
-        return _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
+        array, rec = _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
+        if isinstance(array, np.ndarray):
+            _remember_kind(value, rec)
+        return array, rec
     if isinstance(value, np.ndarray):
         return _host_array(path, value, copy), {"kind": "ndarray"}
     if isinstance(value, np.generic):

@@ -31,7 +31,7 @@ from ._leaves import HASH_FIELD
 from ._manifest import StepInfo, parse_step_record
 from ._storage import Storage
 
-__all__ = ["Previous", "chunk_hashes", "committed", "known_hashes", "remember"]
+__all__ = ["Previous", "chunk_hash", "chunk_hashes", "committed", "known_hashes", "remember"]
 
 _HEX128 = re.compile(r"[0-9a-f]{32}")
 #: step records are read with this bound (the same as readers use)
@@ -42,10 +42,10 @@ def chunk_hashes(layout: ArrayLayout, array: np.ndarray) -> list[str]:
     """The xxh3-128 of each chunk of ``array`` (as :meth:`ArrayLayout.chunk_data` gives it)."""
     if not layout.nbytes:
         return []
-    return [_chunk_hash(layout, array, idx) for idx in layout.chunk_ids()]
+    return [chunk_hash(layout, array, idx) for idx in layout.chunk_ids()]
 
 
-def _chunk_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str:
+def chunk_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str:
     view = layout.chunk_view(array, idx)
     if view is None:
         copy = layout.chunk_data(array, idx).reshape(-1).view(np.uint8)
@@ -84,6 +84,9 @@ def known_hashes(value: Any, layout: ArrayLayout) -> list[str] | None:
 def remember(value: Any, layout: ArrayLayout, hashes: list[str]) -> None:
     """Keep ``value``'s hashes while it lives (only for immutable arrays: ``jax.Array``)."""
     key = id(value)
+    found = _known.get(key)
+    if found is not None and found[0]() is value and found[1:] == (layout, hashes):
+        return  # known already (an unchanged leaf of a save loop): nothing new to keep
 
     def forget(_: weakref.ref[Any]) -> None:
         _known.pop(key, None)

@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["IO_THREADS", "batch_executor", "lower_priority", "run"]
+__all__ = ["IO_THREADS", "batch_executor", "io_executor", "lower_priority", "run"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,7 @@ _SLICE_S = 0.1
 
 _lock = threading.Lock()
 _batch_pool: ThreadPoolExecutor | None = None
+_io_pool: ThreadPoolExecutor | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
 
@@ -48,9 +49,9 @@ def _forget_after_fork() -> None:
     (The parent's objects are dropped, not shut down: their threads are gone, and a lock
     held by one of them at fork time would never be released.)
     """
-    global _lock, _batch_pool, _loop, _thread
+    global _lock, _batch_pool, _io_pool, _loop, _thread
     _lock = threading.Lock()
-    _batch_pool = _loop = _thread = None
+    _batch_pool = _io_pool = _loop = _thread = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -70,23 +71,27 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _get_loop() -> asyncio.AbstractEventLoop:
-    global _loop, _thread
+    global _loop, _thread, _io_pool
     with _lock:
         if _loop is None:
             loop = asyncio.new_event_loop()
-            loop.set_default_executor(
-                ThreadPoolExecutor(
-                    max_workers=IO_THREADS,
-                    thread_name_prefix="zarrckpt-io",
-                    initializer=lower_priority,
-                )
+            _io_pool = ThreadPoolExecutor(
+                max_workers=IO_THREADS, thread_name_prefix="zarrckpt-io", initializer=lower_priority
             )
+            loop.set_default_executor(_io_pool)
             thread = threading.Thread(
                 target=_run_loop, args=(loop,), name="zarrckpt-loop", daemon=True
             )
             thread.start()
             _loop, _thread = loop, thread
         return _loop
+
+
+def io_executor() -> ThreadPoolExecutor:
+    """The pool of the loop's blocking work (file I/O, codecs, hashing: see ``IO_THREADS``)."""
+    _get_loop()
+    assert _io_pool is not None
+    return _io_pool
 
 
 def batch_executor() -> ThreadPoolExecutor:
