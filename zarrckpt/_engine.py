@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._format import ArrayLayout, encoded_bound
+from ._format import KEPT_CHUNK_KEYS, ArrayLayout, encoded_bound
 from ._indexing import Selection, normalize
 from ._sharding import Shards
 from ._storage import Storage
@@ -125,6 +125,24 @@ class LeafData:
         for start, data in self.array.pieces:
             origin = tuple(s // c for s, c in zip(start, self.layout.chunks, strict=True))
             yield origin, replace(self.layout, shape=data.shape), data
+
+
+def _chunks_of(
+    leaf: LeafData,
+) -> Iterator[tuple[str, ArrayLayout, np.ndarray, tuple[int, ...]]]:
+    """``(key, layout, array, index)`` of each chunk of ``leaf`` this process holds: its key
+    (relative to the step), and its index in ``array`` (the whole leaf, or a shard)."""
+    if not isinstance(leaf.array, Shards) and leaf.layout.n_chunks <= KEPT_CHUNK_KEYS:
+        if leaf.layout.nbytes:  # the common case, a small leaf: its keys are kept
+            for idx, name in leaf.layout.chunk_keys():
+                yield f"{leaf.path}/{name}", leaf.layout, leaf.array, idx
+        return
+    for origin, layout, array in leaf.pieces():
+        if not layout.nbytes:
+            continue
+        for idx in layout.chunk_ids():
+            at = tuple(o + i for o, i in zip(origin, idx, strict=True))
+            yield f"{leaf.path}/{layout.chunk_key(at)}", layout, array, idx
 
 
 def _json_bytes(doc: dict[str, Any]) -> bytes:
@@ -276,17 +294,12 @@ async def write_step(
         """``(key, layout, array, index)`` of each chunk this process writes of ``leaf``."""
         if not primary and not isinstance(leaf.array, Shards):
             return
-        for origin, layout, array in leaf.pieces():
-            if not layout.nbytes:
+        for key, layout, array, idx in _chunks_of(leaf):
+            if key in unchanged:
+                if report:
+                    progress(min(layout.chunk_nbytes, layout.nbytes))
                 continue
-            for idx in layout.chunk_ids():
-                at = tuple(o + i for o, i in zip(origin, idx, strict=True))
-                key = f"{leaf.path}/{layout.chunk_key(at)}"
-                if key in unchanged:
-                    if report:
-                        progress(min(layout.chunk_nbytes, layout.nbytes))
-                    continue
-                yield prefixed(key), layout, array, idx
+            yield prefixed(key), layout, array, idx
 
     batcher = _Batcher(storage.batches_small_io, batch_job)
 

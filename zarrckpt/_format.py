@@ -31,7 +31,7 @@ import math
 import reprlib
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +189,15 @@ def _layout_for(
     return ArrayLayout(shape, dtype, chunks, _codec_for(dtype, shape, codec))
 
 
+#: Layouts of at most this many chunks keep their chunk keys (:meth:`ArrayLayout.chunk_keys`)
+KEPT_CHUNK_KEYS = 64
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunk_keys(layout: ArrayLayout) -> tuple[tuple[tuple[int, ...], str], ...]:
+    return tuple((idx, layout.chunk_key(idx)) for idx in layout.chunk_ids())
+
+
 @dataclass(frozen=True)
 class ArrayLayout:
     """Shape, dtype, chunking and codec of one stored array."""
@@ -325,6 +334,13 @@ class ArrayLayout:
     @staticmethod
     def chunk_key(idx: tuple[int, ...]) -> str:
         return ".".join(("c", *map(str, idx)))
+
+    def chunk_keys(self) -> Sequence[tuple[tuple[int, ...], str]]:
+        """Every chunk's ``(index, key)``, in C order; kept for layouts of a few chunks (a
+        state's thousands of small leaves share a few layouts, saved again and again)."""
+        if self.n_chunks <= KEPT_CHUNK_KEYS:
+            return _chunk_keys(self)
+        return [(idx, self.chunk_key(idx)) for idx in self.chunk_ids()]
 
     def count_chunk_keys(self, names: Iterable[str]) -> int:
         """How many of ``names`` (a directory listing) are keys of this array's chunks."""

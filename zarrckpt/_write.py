@@ -78,13 +78,13 @@ class Plan:
             if leaf.path not in hashes:
                 continue
             positions = previous.linkable(leaf.path, leaf.layout, leaf.dims, hashes[leaf.path])
-            ids = None
+            names = None
             for i in positions:
                 if i < 0:
                     key = f"{leaf.path}/zarr.json"
                 else:
-                    ids = ids if ids is not None else list(leaf.layout.chunk_ids())
-                    key = f"{leaf.path}/{leaf.layout.chunk_key(ids[i])}"
+                    names = names if names is not None else leaf.layout.chunk_keys()
+                    key = f"{leaf.path}/{names[i][1]}"
                 linked[key] = f"{previous.dir}/{key}"
         return linked
 

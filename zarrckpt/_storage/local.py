@@ -251,7 +251,8 @@ class LocalStorage(Storage):
         self._real_root: str | None = None
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, check_key(self.url, key)) if key else str(self.root)
+        # (``url`` is the root as a str: joining to a Path converts it on every call)
+        return os.path.join(self.url, check_key(self.url, key)) if key else self.url
 
     async def _run(self, op: str, key: str, fn: Any, *args: Any) -> Any:
         async with self.errors(op, key):
