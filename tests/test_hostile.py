@@ -798,13 +798,23 @@ def _gzip_bomb(h: Hostile) -> None:
     h.write(f"{h.step_dir}/net/s/c.0", _with_crc(bomb))
 
 
+def _zstd_bomb(declare: int | None):
+    """``net/n`` (8 bytes, stored raw; now zstd) holds a frame declaring ``declare`` bytes."""
+
+    def plant(h: Hostile) -> None:
+        h.write_record(_leaf("net/n", "codec", "zstd:1")(h.record(), h))
+        h.write(f"{h.step_dir}/net/n/c", _with_crc(_zstd_frame(declare)))
+
+    return plant
+
+
 BOMBS = {
     "zstd-declares-4TiB": (
-        lambda h: h.write(f"{h.step_dir}/net/n/c", _with_crc(_zstd_frame(2**40))),
+        _zstd_bomb(2**40),
         r"leaf 'net/n'.*cannot decompress \(the zstd frame declares 1099511627776 bytes",
     ),
     "zstd-declares-nothing": (
-        lambda h: h.write(f"{h.step_dir}/net/n/c", _with_crc(_zstd_frame(None))),
+        _zstd_bomb(None),
         r"leaf 'net/n'.*cannot decompress \(the zstd frame declares no size",
     ),
     "gzip-64MiB-of-zeros": (
@@ -840,8 +850,9 @@ def test_the_crafted_zstd_frames_are_valid_zstd():
 
 
 def _bad_utf8(h: Hostile) -> str:
-    """``net/s`` (a str) holds bytes that are not UTF-8, with a valid checksum."""
-    data = numcodecs.Zstd(level=1).encode(b"\xff\xfe")
+    """``net/s`` (a str, 2 bytes stored raw) holds bytes that are not UTF-8, with a valid
+    checksum."""
+    data = b"\xff\xfe"
     h.write(f"{h.step_dir}/net/s/c.0", data + google_crc32c.value(data).to_bytes(4, "little"))
     return r"leaf 'net/s'.*the stored text is not valid UTF-8"
 

@@ -205,20 +205,24 @@ def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
 
     jnp = pytest.importorskip("jax.numpy")
     big = np.random.default_rng(0).standard_normal((1100, 1000)).astype(np.float32)  # 4.2 MiB
-    tree = {"big": big, "small": np.arange(10), "jbig": jnp.asarray(big)}
+    tree = {
+        "big": big, "small": np.arange(10), "jbig": jnp.asarray(big),
+        "fortran": np.asfortranarray(big),  # its chunks need copies: hashed in line, in turn
+    }  # fmt: skip
 
     def planned(hash_ahead=True):
         return _write.plan(tree, copy=False, chunk_bytes=1 << 20, codec=None, hash_ahead=hash_ahead)
 
     snapshot = planned()
-    assert set(snapshot.hashing) == {"big", "jbig"}
+    assert set(snapshot.hashing) == {"big", "jbig", "fortran"}
+    assert all(f.result() is None for f in snapshot.hashing["fortran"])
     hashes = snapshot.hash_chunks()
     leaves = {leaf.path: leaf for leaf in snapshot.leaves}
     for path, leaf in leaves.items():
         assert hashes[path] == _reuse.chunk_hashes(leaf.layout, leaf.array)
-    assert len(hashes["big"]) == 5 and hashes["big"] == hashes["jbig"]
+    assert len(hashes["big"]) == 5 and hashes["big"] == hashes["jbig"] == hashes["fortran"]
     _reuse.remember(tree["jbig"], leaves["jbig"].layout, hashes["jbig"])
-    assert set(planned().hashing) == {"big"}
+    assert set(planned().hashing) == {"big", "fortran"}
     assert not planned(hash_ahead=False).hashing
 
 

@@ -31,7 +31,9 @@ from ._leaves import HASH_FIELD
 from ._manifest import StepInfo, parse_step_record
 from ._storage import Storage
 
-__all__ = ["Previous", "chunk_hash", "chunk_hashes", "committed", "known_hashes", "remember"]
+__all__ = [
+    "Previous", "chunk_hash", "chunk_hashes", "committed", "known_hashes", "remember", "view_hash",
+]  # fmt: skip
 
 _HEX128 = re.compile(r"[0-9a-f]{32}")
 #: step records are read with this bound (the same as readers use)
@@ -46,10 +48,18 @@ def chunk_hashes(layout: ArrayLayout, array: np.ndarray) -> list[str]:
 
 
 def chunk_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str:
-    view = layout.chunk_view(array, idx)
-    if view is None:
+    found = view_hash(layout, array, idx)
+    if found is None:  # a copy of the chunk as stored (Fortran order, big-endian, ...)
         copy = layout.chunk_data(array, idx).reshape(-1).view(np.uint8)
         return xxhash.xxh3_128_hexdigest(copy.data)
+    return found
+
+
+def view_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str | None:
+    """:func:`chunk_hash` where it needs no copy of the chunk, else None."""
+    view = layout.chunk_view(array, idx)
+    if view is None:
+        return None
     raw, pad = view
     if not pad:
         return xxhash.xxh3_128_hexdigest(raw.data)

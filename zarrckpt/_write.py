@@ -50,7 +50,7 @@ class Plan:
     #: leaf path -> the immutable ``jax.Array`` its data came from (``_reuse``)
     sources: dict[str, Any] = field(default_factory=dict)
     #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves)
-    hashing: dict[str, list[Future[str]]] = field(default_factory=dict)
+    hashing: dict[str, list[Future[str | None]]] = field(default_factory=dict)
 
     def hash_chunks(self) -> dict[str, list[str]]:
         """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
@@ -61,8 +61,13 @@ class Plan:
             if isinstance(leaf.array, Shards):
                 continue
             found: list[str] | None
-            if leaf.path in self.hashing:
-                found = [future.result() for future in self.hashing[leaf.path]]
+            if leaf.path in self.hashing:  # (None: a chunk that needs a copy, hashed here)
+                found = [
+                    future.result() or _reuse.chunk_hash(leaf.layout, leaf.array, idx)
+                    for future, idx in zip(
+                        self.hashing[leaf.path], leaf.layout.chunk_ids(), strict=True
+                    )
+                ]
             else:
                 found = _known_hashes(leaf, self.sources.get(leaf.path))
             if found is None:
@@ -180,8 +185,8 @@ def plan(
             and _known_hashes(leaf, source) is None
         ):
             pool = io_executor()
-            hashing[path] = [
-                pool.submit(_reuse.chunk_hash, layout, array, idx) for idx in layout.chunk_ids()
+            hashing[path] = [  # (views only: chunks that need a copy wait, one at a time)
+                pool.submit(_reuse.view_hash, layout, array, idx) for idx in layout.chunk_ids()
             ]
     return Plan(record, leaves, groups, sources, hashing)
 
