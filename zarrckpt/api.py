@@ -60,7 +60,8 @@ def save_pytree(
         chunk_bytes: target uncompressed chunk size (default 64 MiB on local disks, 16 MiB
             on object stores; smaller makes lazy slices finer, larger loads faster).
         codec: ``"none"``, ``"zstd[:level]"`` or ``"gzip[:level]"`` for every leaf; by default
-            integer and bool leaves get ``zstd:1`` and float leaves none.
+            integer and bool leaves get ``zstd:1``, float leaves and leaves of at most 64
+            bytes none.
         recycle: on local disks, keep the step that retention drops as a hidden spare and
             rewrite it in place at the next save, instead of deleting one directory tree
             and creating another (several times faster in a save loop; costs the disk space
@@ -76,6 +77,10 @@ def save_pytree(
             server-side on object stores, instead of written. Every step stays a complete
             Zarr group: deleting one never breaks another. ``False`` writes every byte.
             (Collective multi-process saves always write every byte.)
+
+    Without ``async_manager``, Python's cyclic garbage collector is paused until the call
+    returns (and restored; one the caller disabled stays disabled): a save makes and drops
+    records per leaf, and collections triggered by them would walk the whole process.
 
     Returns:
         The location of the step's Zarr group.
