@@ -234,9 +234,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def test_the_collector_is_paused_only_while_the_caller_waits(tmp_path, monkeypatch):
-    """A foreground save pauses the cyclic garbage collector and restores it (also after an
-    error); a background save's writing runs with it on; a collector the user disabled stays
-    disabled."""
+    """A foreground save into a local directory pauses the cyclic garbage collector and
+    restores it (also after an error); a background save's writing, and a save to an object
+    store, run with it on; a collector the user disabled stays disabled."""
     import gc
 
     import zarrckpt._write as api
@@ -259,9 +259,43 @@ def test_the_collector_is_paused_only_while_the_caller_waits(tmp_path, monkeypat
     with AsyncManager() as manager:
         zarrckpt.save_pytree(root, {"w": np.ones(10)}, async_manager=manager, verbose=False)
     assert seen == [False, True] and gc.isenabled()
+    zarrckpt.save_pytree(f"memory://{tmp_path.name}/run", {"w": np.zeros(10)}, verbose=False)
+    assert seen == [False, True, True] and gc.isenabled()
     gc.disable()
     try:
         zarrckpt.save_pytree(root, {"w": np.zeros(10)}, verbose=False)
-        assert seen == [False, True, False] and not gc.isenabled()
+        assert seen == [False, True, True, False] and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_child_forked_during_a_save_has_its_collector(tmp_path, monkeypatch):
+    """A process forked by another thread while a save pauses the collector does not inherit
+    the pause: its collector runs, and its own saves pause and restore it."""
+    import gc
+    import warnings
+
+    import zarrckpt._write as api
+
+    status = []
+    write_step = api.write_step
+
+    async def fork_here(*args, **kwargs):
+        with warnings.catch_warnings():  # (3.12+: forking a process with threads)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report, never return into the save
+            ok = gc.isenabled()
+            try:
+                monkeypatch.setattr(api, "write_step", write_step)
+                zarrckpt.save_pytree(str(tmp_path / "child"), {"w": np.ones(3)}, verbose=False)
+                ok = ok and gc.isenabled()
+            finally:
+                os._exit(0 if ok else 1)
+        status.append(os.waitpid(pid, 0)[1])
+        return await write_step(*args, **kwargs)
+
+    monkeypatch.setattr(api, "write_step", fork_here)
+    zarrckpt.save_pytree(str(tmp_path / "run"), {"w": np.zeros(3)}, verbose=False)
+    assert status == [0] and gc.isenabled()
+    assert zarrckpt.list_steps(str(tmp_path / "child")) == [0]

@@ -204,25 +204,27 @@ def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
     from zarrckpt import _write
 
     jnp = pytest.importorskip("jax.numpy")
-    big = np.random.default_rng(0).standard_normal((1100, 1000)).astype(np.float32)  # 4.2 MiB
+    # 4.2 MiB in 5 chunks of 1 MiB or less, the last one short (padded when hashed)
+    big = np.random.default_rng(0).standard_normal((1101, 1000)).astype(np.float32)
     tree = {
         "big": big, "small": np.arange(10), "jbig": jnp.asarray(big),
         "fortran": np.asfortranarray(big),  # its chunks need copies: hashed in line, in turn
+        "swapped": big.astype(">f4"),  # big-endian: likewise
     }  # fmt: skip
 
     def planned(hash_ahead=True):
         return _write.plan(tree, copy=False, chunk_bytes=1 << 20, codec=None, hash_ahead=hash_ahead)
 
     snapshot = planned()
-    assert set(snapshot.hashing) == {"big", "jbig", "fortran"}
-    assert all(f.result() is None for f in snapshot.hashing["fortran"])
+    assert set(snapshot.hashing) == {"big", "jbig"}
     hashes = snapshot.hash_chunks()
     leaves = {leaf.path: leaf for leaf in snapshot.leaves}
     for path, leaf in leaves.items():
         assert hashes[path] == _reuse.chunk_hashes(leaf.layout, leaf.array)
-    assert len(hashes["big"]) == 5 and hashes["big"] == hashes["jbig"] == hashes["fortran"]
+    assert len(hashes["big"]) == 5
+    assert hashes["big"] == hashes["jbig"] == hashes["fortran"] == hashes["swapped"]
     _reuse.remember(tree["jbig"], leaves["jbig"].layout, hashes["jbig"])
-    assert set(planned().hashing) == {"big", "fortran"}
+    assert set(planned().hashing) == {"big"}
     assert not planned(hash_ahead=False).hashing
 
 
@@ -236,7 +238,16 @@ def test_a_jax_arrays_kind_is_remembered_while_it_lives():
     first = _leaves.encode("a", a)
     key = id(a)
     assert key in _leaves._jax_kinds
-    second = _leaves.encode("b", a)
+    checked = []
+    sharding_field = _leaves._sharding_field
+    _leaves._sharding_field = lambda value: checked.append(value) or sharding_field(value)
+    try:
+        second = _leaves.encode("b", a)  # from memory: no checks
+        assert checked == []
+        _leaves.encode("c", jnp.arange(6.0))  # another array, equal values: checked
+        assert len(checked) == 1
+    finally:
+        _leaves._sharding_field = sharding_field
     assert first[1] == second[1] == {"kind": "jax"} and first[1] is not second[1]
     assert np.array_equal(first[0], second[0])
     del a, first, second
@@ -318,3 +329,23 @@ def test_object_stores_copy_server_side(backend, request, monkeypatch):
     assert uploaded["bytes"] < state["V"].nbytes + 64 * 1024, uploaded
     out = zarrckpt.load_pytree(url, storage_options=options)
     assert np.array_equal(out["W"], state["W"]) and np.array_equal(out["V"], state["V"])
+
+
+def test_a_failed_save_drops_the_hashes_it_started(tmp_path, monkeypatch):
+    """A save refused after planning (here overwrite=False) cancels the chunk hashes that
+    have not started, instead of leaving the I/O threads hashing for nobody."""
+    from zarrckpt import _write
+
+    root = str(tmp_path / "run")
+    zarrckpt.save_pytree(root, {"v": np.zeros(3)}, verbose=False)
+    cancelled = []
+    cancel = _write.Plan.cancel_hashing
+    monkeypatch.setattr(
+        _write.Plan,
+        "cancel_hashing",
+        lambda self: cancelled.append(set(self.hashing)) or cancel(self),
+    )
+    big = np.ones((2048, 1024), np.float32)  # 8 MiB: hashed ahead
+    with pytest.raises(zarrckpt.AlreadyExistsError):
+        zarrckpt.save_pytree(root, {"v": big}, overwrite=False, verbose=False)
+    assert cancelled == [{"v"}]

@@ -218,7 +218,7 @@ class ArrayLayout:
         if isinstance(array, Shards):
             chunks = aligned_chunks(array, chunk_bytes)
             return cls(array.shape, dtype, chunks, _codec_for(dtype, array.shape, codec))
-        return _layout_for(array.shape, dtype, chunk_bytes, codec)
+        return _layout_for(array.shape, dtype, chunk_bytes, parse_codec(codec) if codec else None)
 
     # --- index entries (the step record) -----------------------------------------------------
 

@@ -223,7 +223,7 @@ def _remember_kind(value: Any, rec: dict[str, Any]) -> None:
         _jax_kinds.pop(key, None)
 
     with contextlib.suppress(TypeError):  # an array type without weak references: forgotten
-        _jax_kinds[key] = (weakref.ref(value, forget), rec)
+        _jax_kinds[key] = (weakref.ref(value, forget), dict(rec))
 
 
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:

@@ -33,6 +33,7 @@ from ._storage import Storage
 
 __all__ = [
     "Previous", "chunk_hash", "chunk_hashes", "committed", "known_hashes", "remember", "view_hash",
+    "view_hashes",
 ]  # fmt: skip
 
 _HEX128 = re.compile(r"[0-9a-f]{32}")
@@ -53,6 +54,13 @@ def chunk_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> 
         copy = layout.chunk_data(array, idx).reshape(-1).view(np.uint8)
         return xxhash.xxh3_128_hexdigest(copy.data)
     return found
+
+
+def view_hashes(
+    layout: ArrayLayout, array: np.ndarray, ids: list[tuple[int, ...]]
+) -> list[str | None]:
+    """:func:`view_hash` of each chunk of ``ids``."""
+    return [view_hash(layout, array, idx) for idx in ids]
 
 
 def view_hash(layout: ArrayLayout, array: np.ndarray, idx: tuple[int, ...]) -> str | None:

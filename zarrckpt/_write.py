@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import threading
 import time
 import warnings
@@ -30,8 +31,9 @@ from ._format import ArrayLayout
 from ._manifest import Manifest, StepInfo, checksum, new_step_dir, step_record_bytes
 from ._progress import human, progress_bar
 from ._sharding import Shards
-from ._storage import open_storage
-from ._sync import io_executor, run
+from ._storage import Storage, open_storage
+from ._storage.local import LocalStorage
+from ._sync import IO_THREADS, io_executor, run
 from .errors import AlreadyExistsError, CollectionWarning, UnsupportedLeafError
 
 __all__ = ["DEFAULT_KEEP", "Plan", "plan", "save"]
@@ -49,8 +51,17 @@ class Plan:
     groups: list[str]
     #: leaf path -> the immutable ``jax.Array`` its data came from (``_reuse``)
     sources: dict[str, Any] = field(default_factory=dict)
-    #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves)
-    hashing: dict[str, list[Future[str | None]]] = field(default_factory=dict)
+    #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves), a
+    #: run of chunks per future
+    hashing: dict[str, list[Future[list[str | None]]]] = field(default_factory=dict)
+    #: the tree's shape, before any chunk hash goes into the record (:func:`_shape`)
+    shape: bytes = b""
+
+    def cancel_hashing(self) -> None:
+        """Drop the hashes not started yet (a save that fails before it writes)."""
+        for futures in self.hashing.values():
+            for future in futures:
+                future.cancel()
 
     def hash_chunks(self) -> dict[str, list[str]]:
         """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
@@ -62,11 +73,10 @@ class Plan:
                 continue
             found: list[str] | None
             if leaf.path in self.hashing:  # (None: a chunk that needs a copy, hashed here)
+                ahead = [h for future in self.hashing[leaf.path] for h in future.result()]
                 found = [
-                    future.result() or _reuse.chunk_hash(leaf.layout, leaf.array, idx)
-                    for future, idx in zip(
-                        self.hashing[leaf.path], leaf.layout.chunk_ids(), strict=True
-                    )
+                    h or _reuse.chunk_hash(leaf.layout, leaf.array, idx)
+                    for h, idx in zip(ahead, leaf.layout.chunk_ids(), strict=True)
                 ]
             else:
                 found = _known_hashes(leaf, self.sources.get(leaf.path))
@@ -160,35 +170,69 @@ def plan(
             f"dims names {unknown}, which are not leaves of the tree; its leaves are "
             f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
         )
-    leaves, sources, hashing = [], {}, {}
-    for path, value in flat:
-        source = _leaves.immutable_array(value)
-        if source is not None:
-            sources[path] = source
-        array, kind = _leaves.encode(path, value, copy=copy)
-        if isinstance(array, Shards) and not collective:
-            raise UnsupportedLeafError(
-                f"leaf {path!r}: a jax.Array on the devices of another process only; this "
-                "process holds none of it. Save it from the process that holds it, or shard "
-                "it over several processes (a collective save by every process)"
+    leaves: list[LeafData] = []
+    sources: dict[str, Any] = {}
+    hashing: dict[str, list[Future[list[str | None]]]] = {}
+    try:
+        for path, value in flat:
+            leaf, source = _plan_leaf(
+                path, value, by_path[path], copy, chunk_bytes, codec, dims, collective
             )
-        layout = ArrayLayout.for_array(array, chunk_bytes, codec)
-        by_path[path].update(kind, **layout.to_json())
-        if dims and path in dims:
-            by_path[path]["dims"] = _dimension_names(path, dims[path], len(layout.shape))
-        leaf = LeafData(path, array, layout, {}, by_path[path].get("dims"))
-        leaves.append(leaf)
-        if (
-            hash_ahead
-            and layout.nbytes >= _HASH_AHEAD_BYTES
-            and isinstance(array, np.ndarray)
-            and _known_hashes(leaf, source) is None
-        ):
-            pool = io_executor()
-            hashing[path] = [  # (views only: chunks that need a copy wait, one at a time)
-                pool.submit(_reuse.view_hash, layout, array, idx) for idx in layout.chunk_ids()
-            ]
-    return Plan(record, leaves, groups, sources, hashing)
+            leaves.append(leaf)
+            if source is not None:
+                sources[path] = source
+            if hash_ahead and _worth_hashing_ahead(leaf, source):
+                hashing[path] = _hash_ahead(leaf)
+    except BaseException:
+        Plan(record, leaves, groups, sources, hashing).cancel_hashing()
+        raise
+    return Plan(record, leaves, groups, sources, hashing, _shape(record))
+
+
+def _plan_leaf(
+    path: str, value: Any, rec: dict[str, Any], copy: bool, chunk_bytes: int | None,
+    codec: str | None, dims: dict[str, Sequence[str]] | None, collective: bool,
+) -> tuple[LeafData, Any]:  # fmt: skip
+    """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
+    came from (None: none, or a mutable NumPy array)."""
+    source = _leaves.immutable_array(value)
+    array, kind = _leaves.encode(path, value, copy=copy)
+    if isinstance(array, Shards) and not collective:
+        raise UnsupportedLeafError(
+            f"leaf {path!r}: a jax.Array on the devices of another process only; this "
+            "process holds none of it. Save it from the process that holds it, or shard "
+            "it over several processes (a collective save by every process)"
+        )
+    layout = ArrayLayout.for_array(array, chunk_bytes, codec)
+    rec.update(kind, **layout.to_json())
+    if dims and path in dims:
+        rec["dims"] = _dimension_names(path, dims[path], len(layout.shape))
+    return LeafData(path, array, layout, {}, rec.get("dims")), source
+
+
+def _worth_hashing_ahead(leaf: LeafData, source: Any) -> bool:
+    """Whether :func:`_hash_ahead` should hash ``leaf``: a large C-ordered NumPy array, whose
+    chunks are views (others are copied chunk by chunk, in line), not known already."""
+    array = leaf.array
+    return (
+        leaf.layout.nbytes >= _HASH_AHEAD_BYTES
+        and isinstance(array, np.ndarray)
+        and array.flags.c_contiguous
+        and array.dtype.byteorder != ">"
+        and _known_hashes(leaf, source) is None
+    )
+
+
+def _hash_ahead(leaf: LeafData) -> list[Future[list[str | None]]]:
+    """Start hashing ``leaf``'s chunks on the I/O threads, in a few runs of chunks each."""
+    assert isinstance(leaf.array, np.ndarray)  # (_worth_hashing_ahead)
+    array, ids = leaf.array, list(leaf.layout.chunk_ids())
+    per = -(-len(ids) // (2 * IO_THREADS))  # at most 2 runs per thread
+    pool = io_executor()
+    return [
+        pool.submit(_reuse.view_hashes, leaf.layout, array, ids[i : i + per])
+        for i in range(0, len(ids), per)
+    ]
 
 
 def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
@@ -272,10 +316,26 @@ _pausing = 0  # saves in progress that pause the collector
 _paused = False  # whether they paused it (it was enabled)
 
 
+def _resume_after_fork() -> None:
+    """A forked child has none of its parent's saves: its collector runs (as it did before
+    they paused it), and no lock a parent's thread held at the fork blocks it."""
+    global _pause_lock, _pausing, _paused
+    _pause_lock = threading.Lock()
+    _pausing = 0
+    if _paused:
+        _paused = False
+        gc.enable()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_resume_after_fork)
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while the caller waits for a save, as
-    ``timeit`` does. A save makes and drops a few records per leaf; with the collector on,
+    """Pause Python's cyclic garbage collector while the caller waits for a save into a
+    local directory, as ``timeit`` does (a save to an object store takes seconds: there the
+    collections do not matter, and other threads keep their collector). A save makes and drops a few records per leaf; with the collector on,
     the young collections it triggers move them to the oldest generation, and every few
     saves a full collection walks the whole process (JAX's objects and the user's: ~20 ms
     per save in the 1% profile with 110,000 objects, growing with the process). Paused, they
@@ -330,11 +390,12 @@ def save(
     """``save_pytree``'s implementation (see its docstring)."""
     collective = _collective.group(target)  # first: it numbers collective saves
     try:
-        if kwargs.get("async_manager") is None:
+        storage = open_storage(filename, kwargs.pop("storage_options"))
+        if kwargs["async_manager"] is None and isinstance(storage, LocalStorage):
             # paused until _save's records are gone (else the first collection scans them)
             with _collector_paused():
-                return _save(collective, filename, target, **kwargs)
-        return _save(collective, filename, target, **kwargs)
+                return _save(collective, storage, target, **kwargs)
+        return _save(collective, storage, target, **kwargs)
     except BaseException as exc:
         if collective is not None:  # tell the other processes, so they do not wait for us
             collective.fail(exc)
@@ -343,7 +404,7 @@ def save(
 
 def _save(
     collective: _collective.Group | None,
-    filename: Any,
+    storage: Storage,
     target: Any,
     *,
     overwrite: bool,
@@ -351,7 +412,6 @@ def _save(
     verbose: bool,
     step: int | None,
     keep: Any,
-    storage_options: dict[str, Any] | None,
     chunk_bytes: int | None,
     codec: str | None,
     recycle: bool = True,
@@ -359,7 +419,6 @@ def _save(
     incremental: bool = True,
 ) -> str:
     keep = _resolve_keep(keep, overwrite)
-    storage = open_storage(filename, storage_options)
     if storage.is_file():
         raise AlreadyExistsError(
             f"{storage.url} is an existing file (an old single-file checkpoint?); "
@@ -402,7 +461,11 @@ def _save(
 
     base: Manifest | None  # None: another process of a collective save decided
     if collective is None:
-        base, token, info = decide()
+        try:
+            base, token, info = decide()
+        except BaseException:
+            snapshot.cancel_hashing()
+            raise
     else:
         call = {
             "record": snapshot.record,
@@ -421,8 +484,12 @@ def _save(
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
         total = sum(leaf.nbytes for leaf in snapshot.leaves)
-        shape = _shape(snapshot.record)  # before the hashes go in
-        hashes = snapshot.hash_chunks() if incremental else {}
+        shape = snapshot.shape
+        try:
+            hashes = snapshot.hash_chunks() if incremental else {}
+        except BaseException:
+            snapshot.cancel_hashing()
+            raise
         record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
         _note_shape(record, shape)
         previous = (
@@ -489,5 +556,9 @@ def _save(
     if async_manager is None:
         task()
     else:
-        async_manager.save_async(task, step=number, url=storage.url)
+        try:
+            async_manager.save_async(task, step=number, url=storage.url)
+        except BaseException:
+            snapshot.cancel_hashing()
+            raise
     return location

@@ -1093,7 +1093,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Look into, check, compare, copy and convert zarrckpt checkpoints.",
         epilog="Exit status: 0 ok, 1 a check failed (verify; diff --exit-code), 2 errors.",
     )
-    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+        help="show the version and exit",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
