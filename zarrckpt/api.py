@@ -78,9 +78,10 @@ def save_pytree(
             Zarr group: deleting one never breaks another. ``False`` writes every byte.
             (Collective multi-process saves always write every byte.)
 
-    Without ``async_manager``, Python's cyclic garbage collector is paused until the call
-    returns (and restored; one the caller disabled stays disabled): a save makes and drops
-    records per leaf, and collections triggered by them would walk the whole process.
+    A save into a local directory without ``async_manager`` pauses Python's cyclic garbage
+    collector until the call returns (and restores it; one the caller disabled stays
+    disabled, and a forked child gets it back): a save makes and drops records per leaf, and
+    collections triggered by them would walk the whole process.
 
     Returns:
         The location of the step's Zarr group.
