@@ -237,7 +237,7 @@ def test_a_jax_arrays_kind_is_remembered_while_it_lives():
     a = jnp.arange(6.0)
     first = _leaves.encode("a", a)
     key = id(a)
-    assert key in _leaves._jax_kinds
+    assert key in _leaves._jax_kinds.items
     checked = []
     sharding_field = _leaves._sharding_field
     _leaves._sharding_field = lambda value: checked.append(value) or sharding_field(value)
@@ -252,7 +252,7 @@ def test_a_jax_arrays_kind_is_remembered_while_it_lives():
     assert np.array_equal(first[0], second[0])
     del a, first, second
     gc.collect()
-    assert key not in _leaves._jax_kinds
+    assert key not in _leaves._jax_kinds.items
 
 
 def test_a_link_in_a_strangers_previous_step_is_never_followed(tmp_path, monkeypatch):

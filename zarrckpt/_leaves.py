@@ -38,6 +38,7 @@ from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarnin
 
 __all__ = [
     "HASH_FIELD",
+    "IdentityMemo",
     "check_dims",
     "check_record",
     "compare",
@@ -210,20 +211,32 @@ def immutable_array(value: Any) -> Any | None:
     return None
 
 
-#: id(jax.Array) -> (a weak reference to it, its kind record): a save loop's unchanged JAX
-#: leaves are the very objects it encoded before, and a jax.Array never changes (its kind,
-#: dtype and sharding included), so the checks of :func:`encode` are made once per array
-_jax_kinds: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
+class IdentityMemo:
+    """What is known of live objects, by identity, while they live: for immutable leaves
+    (``jax.Array``), the same object means the same kind, dtype and bytes. A weak reference
+    tells the object from a later one that reuses its ``id``."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def get(self, obj: Any) -> Any | None:
+        found = self.items.get(id(obj))
+        return found[1] if found is not None and found[0]() is obj else None
+
+    def put(self, obj: Any, value: Any) -> None:
+        """Keep ``value`` for ``obj`` until ``obj`` dies (nothing, if it has no weak refs)."""
+        key, items = id(obj), self.items
+
+        def forget(_: weakref.ref[Any]) -> None:
+            items.pop(key, None)
+
+        with contextlib.suppress(TypeError):
+            items[key] = (weakref.ref(obj, forget), value)
 
 
-def _remember_kind(value: Any, rec: dict[str, Any]) -> None:
-    key = id(value)
-
-    def forget(_: weakref.ref[Any]) -> None:
-        _jax_kinds.pop(key, None)
-
-    with contextlib.suppress(TypeError):  # an array type without weak references: forgotten
-        _jax_kinds[key] = (weakref.ref(value, forget), dict(rec))
+#: jax.Array -> its kind record: a save loop's unchanged JAX leaves are the very objects it
+#: encoded before, so the checks of :func:`encode` are made once per array
+_jax_kinds = IdentityMemo()
 
 
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -235,9 +248,9 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     """
     if type(value) is np.ndarray:  # the commonest leaf, without the checks below
         return _host_array(path, value, copy), {"kind": "ndarray"}
-    known = _jax_kinds.get(id(value))
-    if known is not None and known[0]() is value:  # a jax.Array encoded before: immutable
-        return np.asarray(value), dict(known[1])
+    known = _jax_kinds.get(value)
+    if known is not None:  # a jax.Array encoded before: immutable
+        return np.asarray(value), dict(known)
     bp_array = _brainpy_array_type()
     if _is(value, bp_array):
         return _host_array(path, value.value, copy), {
@@ -269,7 +282,7 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     if _is(value, _module_attr("jax", "Array")):
         array, rec = _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
         if isinstance(array, np.ndarray):
-            _remember_kind(value, rec)
+            _jax_kinds.put(value, dict(rec))
         return array, rec
     if isinstance(value, np.ndarray):
         return _host_array(path, value, copy), {"kind": "ndarray"}

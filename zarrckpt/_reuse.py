@@ -17,7 +17,6 @@ keeps its hashes: it is not hashed again (:func:`known_hashes`).
 from __future__ import annotations
 
 import re
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -27,7 +26,7 @@ import xxhash
 
 from . import _tree
 from ._format import ArrayLayout
-from ._leaves import HASH_FIELD
+from ._leaves import HASH_FIELD, IdentityMemo
 from ._manifest import StepInfo, parse_step_record
 from ._storage import Storage
 
@@ -87,33 +86,20 @@ def _usable(hashes: Any, layout: ArrayLayout) -> TypeGuard[list[str]]:
 
 # --- jax.Array identity -------------------------------------------------------------------
 
-#: id(array) -> (weak reference to it, its layout, its chunk hashes)
-_known: dict[int, tuple[weakref.ref[Any], ArrayLayout, list[str]]] = {}
+#: array -> (its layout, its chunk hashes)
+_known = IdentityMemo()
 
 
 def known_hashes(value: Any, layout: ArrayLayout) -> list[str] | None:
     """The hashes an earlier save computed for this very (immutable) ``jax.Array``."""
-    found = _known.get(id(value))
-    if found is None or found[0]() is not value or found[1] != layout:
-        return None
-    return found[2]
+    found = _known.get(value)
+    return found[1] if found is not None and found[0] == layout else None
 
 
 def remember(value: Any, layout: ArrayLayout, hashes: list[str]) -> None:
     """Keep ``value``'s hashes while it lives (only for immutable arrays: ``jax.Array``)."""
-    key = id(value)
-    found = _known.get(key)
-    if found is not None and found[0]() is value and found[1:] == (layout, hashes):
-        return  # known already (an unchanged leaf of a save loop): nothing new to keep
-
-    def forget(_: weakref.ref[Any]) -> None:
-        _known.pop(key, None)
-
-    try:
-        ref = weakref.ref(value, forget)
-    except TypeError:
-        return
-    _known[key] = (ref, layout, hashes)
+    if _known.get(value) != (layout, hashes):  # (else an unchanged leaf: nothing new to keep)
+        _known.put(value, (layout, hashes))
 
 
 # --- the previous step ----------------------------------------------------------------------

@@ -59,13 +59,18 @@ class Plan:
 
     def cancel_hashing(self) -> None:
         """Drop the hashes not started yet (a save that fails before it writes)."""
-        for futures in self.hashing.values():
-            for future in futures:
-                future.cancel()
+        _cancel(self.hashing)
 
     def hash_chunks(self) -> dict[str, list[str]]:
         """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
         or known from an earlier save of the same ``jax.Array``. Sharded leaves have none."""
+        try:
+            return self._hash_chunks()
+        except BaseException:
+            self.cancel_hashing()
+            raise
+
+    def _hash_chunks(self) -> dict[str, list[str]]:
         records = {rec["path"]: rec for rec in _tree.iter_leaf_records(self.record)}
         hashes = {}
         for leaf in self.leaves:
@@ -184,9 +189,15 @@ def plan(
             if hash_ahead and _worth_hashing_ahead(leaf, source):
                 hashing[path] = _hash_ahead(leaf)
     except BaseException:
-        Plan(record, leaves, groups, sources, hashing).cancel_hashing()
+        _cancel(hashing)
         raise
     return Plan(record, leaves, groups, sources, hashing, _shape(record))
+
+
+def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
+    for futures in hashing.values():
+        for future in futures:
+            future.cancel()
 
 
 def _plan_leaf(
@@ -335,13 +346,15 @@ if hasattr(os, "register_at_fork"):
 def _collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while the caller waits for a save into a
     local directory, as ``timeit`` does (a save to an object store takes seconds: there the
-    collections do not matter, and other threads keep their collector). A save makes and drops a few records per leaf; with the collector on,
-    the young collections it triggers move them to the oldest generation, and every few
-    saves a full collection walks the whole process (JAX's objects and the user's: ~20 ms
-    per save in the 1% profile with 110,000 objects, growing with the process). Paused, they
-    are freed by reference counting before any collection sees them. Background saves
-    never pause it (the caller's own code runs meanwhile); a collector the user disabled
-    stays disabled."""
+    collections do not matter, and other threads keep their collector).
+
+    A save makes and drops a few records per leaf; with the collector on, the young
+    collections it triggers move them to the oldest generation, and every few saves a full
+    collection walks the whole process (JAX's objects and the user's: ~20 ms per save in
+    the 1% profile with 110,000 objects, growing with the process). Paused, they are freed
+    by reference counting before any collection sees them. Background saves never pause it
+    (the caller's own code runs meanwhile); a collector the user disabled stays disabled.
+    """
     global _pausing, _paused
     with _pause_lock:
         _pausing += 1
@@ -485,11 +498,7 @@ def _save(
         show_bar = verbose and async_manager is None
         total = sum(leaf.nbytes for leaf in snapshot.leaves)
         shape = snapshot.shape
-        try:
-            hashes = snapshot.hash_chunks() if incremental else {}
-        except BaseException:
-            snapshot.cancel_hashing()
-            raise
+        hashes = snapshot.hash_chunks() if incremental else {}
         record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
         _note_shape(record, shape)
         previous = (
