@@ -179,7 +179,7 @@ def _codec_for(dtype: np.dtype, shape: tuple[int, ...], codec: str | None) -> st
     return parse_codec(codec) if codec else default_codec(dtype, math.prod(shape) * dtype.itemsize)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16384)  # (a save loop asks in a cycle: an LRU too small never hits)
 def _layout_for(
     shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int, codec: str | None
 ) -> ArrayLayout:
@@ -191,11 +191,6 @@ def _layout_for(
 
 #: Layouts of at most this many chunks keep their chunk keys (:meth:`ArrayLayout.chunk_keys`)
 KEPT_CHUNK_KEYS = 64
-
-
-@functools.lru_cache(maxsize=1024)
-def _chunk_keys(layout: ArrayLayout) -> tuple[tuple[tuple[int, ...], str], ...]:
-    return tuple((idx, layout.chunk_key(idx)) for idx in layout.chunk_ids())
 
 
 @dataclass(frozen=True)
@@ -306,19 +301,21 @@ class ArrayLayout:
 
     # --- geometry ----------------------------------------------------------------------------
 
-    @property
+    # (Computed once per layout: layouts are immutable, and ``_layout_for`` hands the same
+    # object to every leaf of a shape, save after save.)
+    @functools.cached_property
     def grid(self) -> tuple[int, ...]:
         return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
 
-    @property
+    @functools.cached_property
     def n_chunks(self) -> int:
         return math.prod(self.grid)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    @property
+    @functools.cached_property
     def chunk_nbytes(self) -> int:
         return math.prod(self.chunks) * self.dtype.itemsize
 
@@ -339,8 +336,12 @@ class ArrayLayout:
         """Every chunk's ``(index, key)``, in C order; kept for layouts of a few chunks (a
         state's thousands of small leaves share a few layouts, saved again and again)."""
         if self.n_chunks <= KEPT_CHUNK_KEYS:
-            return _chunk_keys(self)
+            return self._kept_chunk_keys
         return [(idx, self.chunk_key(idx)) for idx in self.chunk_ids()]
+
+    @functools.cached_property
+    def _kept_chunk_keys(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        return tuple((idx, self.chunk_key(idx)) for idx in self.chunk_ids())
 
     def count_chunk_keys(self, names: Iterable[str]) -> int:
         """How many of ``names`` (a directory listing) are keys of this array's chunks."""
