@@ -91,27 +91,27 @@ def test_a_save_loop_writes_what_changed(tmp_path, monkeypatch):
     assert os.stat(step_dir / "W/c.0.0").st_nlink == 2  # shared with the recycled spare
 
 
-def test_a_recycled_records_shape_is_recognised_without_the_cache(monkeypatch):
-    """A recycled spare's tree is compared with the new one by shape (layouts, not hashes):
-    from the cache of records this process wrote, or else from the record itself."""
+def test_a_step_records_shape_leaves_out_the_hashes_only():
+    """A recycled spare's tree is compared with the new one by shape: the record's tree
+    without its chunk hashes (other values, other hashes, the same shape)."""
     from zarrckpt import _write
     from zarrckpt._manifest import step_record_bytes
 
-    def shaped(state):
+    def record(state, step=3):
         snapshot = _write.plan(state, copy=False, chunk_bytes=None, codec=None)
-        return snapshot, _write._shape(snapshot.record)  # before the hashes go in
+        snapshot.hash_chunks()
+        return step_record_bytes(step, snapshot.record, 2)
 
-    snapshot, shape = shaped(_state(0))
-    snapshot.hash_chunks()
-    record = step_record_bytes(3, snapshot.record, 2)
-    monkeypatch.setattr(_write, "_shapes", {})  # another process's spare, or forgotten
-    assert _write._old_shape(record) == shape == shaped(_state(1))[1]  # other values
+    first, second = record(_state(0)), record(_state(1), step=4)
+    assert first.count(b'"xxh3":[') == 22 and first != second
+    assert _write._shape(first) == _write._shape(second)
     state = _state(0)
     state["V"] = state["V"].astype(np.float64)
-    assert shaped(state)[1] != shape
-    _write._note_shape(record, b"noted")
-    assert _write._old_shape(record) == b"noted"
-    assert _write._old_shape(b"not json") is None
+    assert _write._shape(record(state)) != _write._shape(first)
+    state = _state(0)
+    state["small"]["xxh3"] = state["small"].pop("s0")  # a key named like the field is shape
+    assert _write._shape(record(state)) != _write._shape(first)
+    assert _write._shape(b"not json") is None
 
 
 @pytest.mark.parametrize("change", ["replaced", "rewritten", "removed"])
@@ -228,31 +228,44 @@ def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
     assert not planned(hash_ahead=False).hashing
 
 
-def test_a_jax_arrays_kind_is_remembered_while_it_lives():
+def test_a_jax_arrays_plan_is_remembered_while_it_lives(monkeypatch):
+    """A save loop's unchanged jax.Array is planned from memory (no encoding, no checks):
+    only for the same path, chunk size, codec and dimension names; forgotten with it."""
     import gc
 
-    from zarrckpt import _leaves
+    from zarrckpt import _leaves, _write
 
     jnp = pytest.importorskip("jax.numpy")
     a = jnp.arange(6.0)
-    first = _leaves.encode("a", a)
+    encoded = []
+    encode = _leaves.encode
+    monkeypatch.setattr(_leaves, "encode", lambda *args, **kw: encoded.append(args[0]) or encode(*args, **kw))
+
+    def planned(tree, **kw):
+        options = {"copy": False, "chunk_bytes": 1 << 20, "codec": None, **kw}
+        snapshot = _write.plan(tree, **options)
+        return {leaf.path: leaf for leaf in snapshot.leaves}, snapshot.record
+
+    first, record = planned({"a": a})
+    assert encoded == ["a"] and id(a) in _write._planned.items
+    second, again = planned({"a": a})  # from memory
+    assert encoded == ["a"] and second["a"].layout is first["a"].layout and again == record
+    assert np.array_equal(second["a"].array, first["a"].array)
+    planned({"b": a})  # another path
+    planned({"a": jnp.arange(6.0)})  # another array, equal values
+    planned({"a": a}, chunk_bytes=16)  # another layout
+    names = ["x"]
+    leaves, with_dims = planned({"a": a}, dims={"a": names})
+    assert encoded == ["a", "b", "a", "a", "a"]
+    names[0] = "y"  # the caller's list changes: the memory does not match any more
+    planned({"a": a}, dims={"a": names})
+    assert encoded[-1] == "a" and len(encoded) == 6
+    assert leaves["a"].dims == ["x"] and with_dims["children"][0]["dims"] == ["x"]
+    assert np.array_equal(first["a"].array, np.arange(6.0))
     key = id(a)
-    assert key in _leaves._jax_kinds.items
-    checked = []
-    sharding_field = _leaves._sharding_field
-    _leaves._sharding_field = lambda value: checked.append(value) or sharding_field(value)
-    try:
-        second = _leaves.encode("b", a)  # from memory: no checks
-        assert checked == []
-        _leaves.encode("c", jnp.arange(6.0))  # another array, equal values: checked
-        assert len(checked) == 1
-    finally:
-        _leaves._sharding_field = sharding_field
-    assert first[1] == second[1] == {"kind": "jax"} and first[1] is not second[1]
-    assert np.array_equal(first[0], second[0])
-    del a, first, second
+    del a, first, second, leaves
     gc.collect()
-    assert key not in _leaves._jax_kinds.items
+    assert key not in _write._planned.items
 
 
 def test_a_link_in_a_strangers_previous_step_is_never_followed(tmp_path, monkeypatch):

@@ -193,7 +193,7 @@ def _layout_for(
 KEPT_CHUNK_KEYS = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ArrayLayout:
     """Shape, dtype, chunking and codec of one stored array."""
 
@@ -201,6 +201,22 @@ class ArrayLayout:
     dtype: np.dtype
     chunks: tuple[int, ...]
     codec: str = "none"
+
+    # (Equality by value, as a dataclass's; first by identity: ``_layout_for`` hands out one
+    # object per layout, and a save compares each leaf's with the previous step's.)
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not ArrayLayout:
+            return NotImplemented
+        return self._fields == other._fields
+
+    def __hash__(self) -> int:
+        return hash(self._fields)
+
+    @functools.cached_property
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.shape, self.dtype, self.chunks, self.codec)
 
     @classmethod
     def for_array(

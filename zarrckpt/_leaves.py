@@ -234,11 +234,6 @@ class IdentityMemo:
             items[key] = (weakref.ref(obj, forget), value)
 
 
-#: jax.Array -> its kind record: a save loop's unchanged JAX leaves are the very objects it
-#: encoded before, so the checks of :func:`encode` are made once per array
-_jax_kinds = IdentityMemo()
-
-
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:
     """A host array for ``value`` and its kind record.
 
@@ -248,9 +243,6 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
     """
     if type(value) is np.ndarray:  # the commonest leaf, without the checks below
         return _host_array(path, value, copy), {"kind": "ndarray"}
-    known = _jax_kinds.get(value)
-    if known is not None:  # a jax.Array encoded before: immutable
-        return np.asarray(value), dict(known)
     bp_array = _brainpy_array_type()
     if _is(value, bp_array):
         return _host_array(path, value.value, copy), {
@@ -280,10 +272,7 @@ def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str,
         data = jax.random.key_data(value)
         return _host_array(path, data, copy), {"kind": "prngkey", "impl": _key_impl(value)}
     if _is(value, _module_attr("jax", "Array")):
-        array, rec = _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
-        if isinstance(array, np.ndarray):
-            _jax_kinds.put(value, dict(rec))
-        return array, rec
+        return _host_array(path, value, copy), {"kind": "jax", **_sharding_field(value)}
     if isinstance(value, np.ndarray):
         return _host_array(path, value, copy), {"kind": "ndarray"}
     if isinstance(value, np.generic):

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -54,8 +55,6 @@ class Plan:
     #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves), a
     #: run of chunks per future
     hashing: dict[str, list[Future[list[str | None]]]] = field(default_factory=dict)
-    #: the tree's shape, before any chunk hash goes into the record (:func:`_shape`)
-    shape: bytes = b""
 
     def cancel_hashing(self) -> None:
         """Drop the hashes not started yet (a save that fails before it writes)."""
@@ -191,7 +190,7 @@ def plan(
     except BaseException:
         _cancel(hashing)
         raise
-    return Plan(record, leaves, groups, sources, hashing, _shape(record))
+    return Plan(record, leaves, groups, sources, hashing)
 
 
 def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
@@ -200,12 +199,28 @@ def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
             future.cancel()
 
 
+#: jax.Array -> (what it was planned for: path, chunk bytes, codec, dims; its layout; the
+#: fields it added to its leaf record). A save loop's unchanged JAX leaves are the very
+#: objects it planned before, and immutable: the same kind and layout, so each costs a
+#: lookup. (Not the host array: a NumPy view of a jax.Array keeps it alive.)
+_planned = _leaves.IdentityMemo()
+
+
 def _plan_leaf(
     path: str, value: Any, rec: dict[str, Any], copy: bool, chunk_bytes: int | None,
     codec: str | None, dims: dict[str, Sequence[str]] | None, collective: bool,
 ) -> tuple[LeafData, Any]:  # fmt: skip
     """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
     came from (None: none, or a mutable NumPy array)."""
+    names = dims.get(path) if dims else None
+    if names is not None:  # (a copy: the caller's list may change before the next save)
+        names = [names] if isinstance(names, str) else list(names)
+    wanted = (path, chunk_bytes, codec, names)
+    if type(value) is not np.ndarray:
+        known = _planned.get(value)
+        if known is not None and known[0] == wanted:
+            rec.update(known[2])
+            return LeafData(path, np.asarray(value), known[1], {}, names), value
     source = _leaves.immutable_array(value)
     array, kind = _leaves.encode(path, value, copy=copy)
     if isinstance(array, Shards) and not collective:
@@ -215,10 +230,13 @@ def _plan_leaf(
             "it over several processes (a collective save by every process)"
         )
     layout = ArrayLayout.for_array(array, chunk_bytes, codec)
-    rec.update(kind, **layout.to_json())
-    if dims and path in dims:
-        rec["dims"] = _dimension_names(path, dims[path], len(layout.shape))
-    return LeafData(path, array, layout, {}, rec.get("dims")), source
+    fields = {**kind, **layout.to_json()}
+    if names is not None:
+        fields["dims"] = _dimension_names(path, names, len(layout.shape))
+    rec.update(fields)
+    if source is value and isinstance(array, np.ndarray):  # a jax.Array itself, not sharded
+        _planned.put(value, (wanted, layout, fields))
+    return LeafData(path, array, layout, {}, fields.get("dims")), source
 
 
 def _worth_hashing_ahead(leaf: LeafData, source: Any) -> bool:
@@ -255,43 +273,22 @@ def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
     return names
 
 
-def _without_hashes(tree: Any) -> Any:
-    """A tree record without its chunk hashes (a copy)."""
-    if isinstance(tree, dict):
-        return {k: _without_hashes(v) for k, v in tree.items() if k != _leaves.HASH_FIELD}
-    if isinstance(tree, list):  # a record's lists hold either containers or plain values
-        return [_without_hashes(v) for v in tree] if tree and isinstance(tree[0], dict) else tree
-    return tree
+#: a leaf record's chunk hashes in step record JSON (hex digits: no ``]`` inside; a quote
+#: inside a JSON string is escaped, so this matches the field itself only)
+_HASHES = re.compile(rb',"%s":\[[^\]]*\]' % _leaves.HASH_FIELD.encode())
 
 
-def _shape(tree: Any) -> bytes:
-    """The shape of a tree record without chunk hashes: what decides the files and metadata
-    of a step (two saves of the same tree with other values have the same shape), as the
-    xxh3-128 of its JSON (a digest, not a copy: nothing for the garbage collector to scan)."""
-    return xxhash.xxh3_128_digest(json.dumps(tree).encode())
-
-
-#: xxh3-128 of a step record this process wrote -> its tree's shape (the newest few): a
-#: save loop recognises the recycled directory's tree without parsing its record.
-_shapes: dict[bytes, bytes] = {}
-_SHAPES_KEPT = 4
-
-
-def _note_shape(record: bytes, shape: bytes) -> None:
-    _shapes[xxhash.xxh3_128_digest(record)] = shape
-    for stale in list(_shapes)[:-_SHAPES_KEPT]:  # (list() copies at once: saves on threads)
-        _shapes.pop(stale, None)
-
-
-def _old_shape(record: bytes) -> bytes | None:
-    """The shape of a recycled step's tree record (None if unreadable: all is rewritten)."""
-    found = _shapes.get(xxhash.xxh3_128_digest(record))
-    if found is not None:
-        return found
-    try:
-        return _shape(_without_hashes(json.loads(record)["attributes"]["zarrckpt"]["tree"]))
-    except Exception:
+def _shape(record: bytes) -> bytes | None:
+    """The shape of a step record's tree (None: it has none): what decides the files and
+    metadata of a step (two saves of the same tree with other values have the same shape),
+    as the xxh3-128 of the tree's JSON without the chunk hashes."""
+    start = record.find(b'"tree":')
+    if start < 0:
         return None
+    digest = xxhash.xxh3_128()
+    for part in _HASHES.split(record[start:]):
+        digest.update(part)
+    return digest.digest()
 
 
 def _old_tree(record: bytes) -> Any:
@@ -497,10 +494,8 @@ def _save(
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
         total = sum(leaf.nbytes for leaf in snapshot.leaves)
-        shape = snapshot.shape
         hashes = snapshot.hash_chunks() if incremental else {}
         record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
-        _note_shape(record, shape)
         previous = (
             run(_reuse.Previous.read(storage, base.latest))
             if hashes and base is not None  # incremental saves are never collective
@@ -515,7 +510,8 @@ def _save(
                 process wrote there, still the very same: ``storage.intact``)."""
                 if old_record is None:
                     return frozenset()
-                if _old_shape(old_record) == shape:  # the loop's usual case: the same tree
+                shape = _shape(old_record)
+                if shape is not None and shape == _shape(record):  # a loop's usual case
                     same = snapshot.metadata_keys()
                 else:
                     await storage.trim(info.dir, snapshot.keys())
