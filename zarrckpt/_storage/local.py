@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -398,27 +398,35 @@ class LocalStorage(Storage):
         if written is not None and rest:
             written[rest] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _recorded(self, key: str) -> _Identity | None:
-        """The identity :meth:`_remember` noted for ``key`` (None: not one of ours)."""
-        step_dir, _, rest = key.partition("/")
+    def _noted(self, step_dir: str) -> dict[str, _Identity]:
+        """The identities :meth:`_remember` noted in ``step_dir`` (none: not one of ours)."""
         mine = _own.get((self._real(), step_dir))
-        written = mine.written if mine is not None else None
-        return written.get(rest) if written else None
+        return (mine.written if mine is not None else None) or {}
+
+    def _still(self, step_dir: str, noted: Iterable[tuple[str, _Identity]]) -> set[str]:
+        """The keys of ``noted`` (relative to ``step_dir``) whose file is still the regular
+        file of that identity: one ``lstat`` each (relative to the directory: a save checks
+        thousands)."""
+        try:
+            fd = os.open(self._path(step_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return set()
+        found = set()
+        try:
+            for key, identity in noted:
+                try:
+                    st = os.lstat(check_key(self.url, key), dir_fd=fd)
+                except OSError:
+                    continue
+                if (st.st_ino, st.st_size, st.st_mtime_ns) == identity and stat.S_ISREG(st.st_mode):
+                    found.add(key)
+        finally:
+            os.close(fd)
+        return found
 
     def _intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
-        mine = _own.get((self._real(), step_dir))
-        written = (mine.written if mine is not None else None) or {}
-        intact = set()
-        for key in keys:
-            try:
-                st = os.lstat(self._path(f"{step_dir}/{key}"))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and written.get(key) == (
-                st.st_ino, st.st_size, st.st_mtime_ns
-            ):  # fmt: skip
-                intact.add(key)
-        return frozenset(intact)
+        written = self._noted(step_dir)
+        return frozenset(self._still(step_dir, [(k, written[k]) for k in keys if k in written]))
 
     async def intact(self, step_dir: str, keys: frozenset[str]) -> frozenset[str]:
         return await self._run("recycling", step_dir, self._intact, step_dir, keys)
@@ -435,10 +443,11 @@ class LocalStorage(Storage):
 
     def _link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
         failed = set()
+        shared = self._shared(pairs)
         own: dict[str, bool] = {}  # a step of this process: no link was planted there
         inside: dict[str, bool] = {}  # else each source directory is checked
         for src, dst in pairs:
-            if self._shares(src, dst):
+            if dst in shared:
                 continue
             step, where = src.partition("/")[0], os.path.dirname(src)
             if step not in own:
@@ -454,8 +463,9 @@ class LocalStorage(Storage):
         real = os.path.realpath(os.path.dirname(self._path(key)))
         return os.path.join(real, "").startswith(self._real())
 
-    def _shares(self, src: str, dst: str) -> bool:
-        """Whether ``dst`` already is the file this process wrote or linked as ``src``.
+    def _shared(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+        """The ``dst`` of ``pairs`` that already are the file this process wrote or linked
+        as their ``src``.
 
         The save loop's usual case: an unchanged file of a recycled spare was linked from
         the step before it, which the latest step links too. One ``lstat`` (instead of a
@@ -463,14 +473,24 @@ class LocalStorage(Storage):
         (inode, size and modification time as noted); its bytes are then the ones the save
         wants, whatever happened to ``src`` since.
         """
-        noted = self._recorded(src)
-        if noted is None or self._recorded(dst) != noted:
-            return False
-        try:
-            st = os.lstat(self._path(dst))
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == noted
+        noted: dict[str, dict[str, _Identity]] = {}  # step directory -> its identities
+        candidates: dict[str, list[tuple[str, _Identity]]] = {}
+        for src, dst in pairs:
+            (src_step, _, src_rest), (dst_step, _, dst_rest) = (
+                src.partition("/"),
+                dst.partition("/"),
+            )
+            for step in (src_step, dst_step):
+                if step not in noted:
+                    noted[step] = self._noted(step)
+            identity = noted[src_step].get(src_rest)
+            if identity is not None and noted[dst_step].get(dst_rest) == identity:
+                candidates.setdefault(dst_step, []).append((dst_rest, identity))
+        return {
+            f"{step}/{key}"
+            for step, group in candidates.items()
+            for key in self._still(step, group)
+        }
 
     def _link(self, src: str, dst: str) -> bool:
         """Hard-link the regular file ``src`` as ``dst`` (replacing what is there)."""
