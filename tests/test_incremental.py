@@ -239,7 +239,9 @@ def test_a_jax_arrays_plan_is_remembered_while_it_lives(monkeypatch):
     a = jnp.arange(6.0)
     encoded = []
     encode = _leaves.encode
-    monkeypatch.setattr(_leaves, "encode", lambda *args, **kw: encoded.append(args[0]) or encode(*args, **kw))
+    monkeypatch.setattr(
+        _leaves, "encode", lambda *args, **kw: encoded.append(args[0]) or encode(*args, **kw)
+    )
 
     def planned(tree, **kw):
         options = {"copy": False, "chunk_bytes": 1 << 20, "codec": None, **kw}

@@ -50,6 +50,8 @@ class Plan:
     record: dict[str, Any]
     leaves: list[LeafData]
     groups: list[str]
+    #: leaf path -> its record (in ``record``)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: leaf path -> the immutable ``jax.Array`` its data came from (``_reuse``)
     sources: dict[str, Any] = field(default_factory=dict)
     #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves), a
@@ -70,7 +72,6 @@ class Plan:
             raise
 
     def _hash_chunks(self) -> dict[str, list[str]]:
-        records = {rec["path"]: rec for rec in _tree.iter_leaf_records(self.record)}
         hashes = {}
         for leaf in self.leaves:
             if isinstance(leaf.array, Shards):
@@ -86,7 +87,7 @@ class Plan:
                 found = _known_hashes(leaf, self.sources.get(leaf.path))
             if found is None:
                 found = _reuse.chunk_hashes(leaf.layout, leaf.array)
-            hashes[leaf.path] = records[leaf.path][_leaves.HASH_FIELD] = found
+            hashes[leaf.path] = self.records[leaf.path][_leaves.HASH_FIELD] = found
         return hashes
 
     def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> dict[str, str]:
@@ -190,7 +191,7 @@ def plan(
     except BaseException:
         _cancel(hashing)
         raise
-    return Plan(record, leaves, groups, sources, hashing)
+    return Plan(record, leaves, groups, by_path, sources, hashing)
 
 
 def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
