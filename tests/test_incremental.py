@@ -91,6 +91,21 @@ def test_a_save_loop_writes_what_changed(tmp_path, monkeypatch):
     assert os.stat(step_dir / "W/c.0.0").st_nlink == 2  # shared with the recycled spare
 
 
+def test_unchanged_jax_leaves_of_every_kind_save_again(tmp_path):
+    """A save loop keeps the very same jax.Arrays: plain arrays (planned from memory) and
+    typed PRNG keys (stored as their key data, never from memory) save and load again."""
+    jax = pytest.importorskip("jax")
+    root = str(tmp_path / "run")
+    state = {"k": jax.random.key(3), "w": jax.numpy.arange(6.0), "old": jax.random.PRNGKey(1)}
+    for _ in range(3):
+        zarrckpt.save_pytree(root, state, verbose=False)
+    out = zarrckpt.load_pytree(root, target=state)
+    assert np.array_equal(jax.random.key_data(out["k"]), jax.random.key_data(state["k"]))
+    assert np.array_equal(out["w"], state["w"]) and np.array_equal(out["old"], state["old"])
+    with pytest.raises(TypeError):  # as before the memory: dims=None is no list of names
+        zarrckpt.save_pytree(root, state, dims={"w": None}, verbose=False)
+
+
 def test_a_step_records_shape_leaves_out_the_hashes_only():
     """A recycled spare's tree is compared with the new one by shape: the record's tree
     without its chunk hashes (other values, other hashes, the same shape)."""

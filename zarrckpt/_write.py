@@ -213,9 +213,9 @@ def _plan_leaf(
 ) -> tuple[LeafData, Any]:  # fmt: skip
     """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
     came from (None: none, or a mutable NumPy array)."""
-    names = dims.get(path) if dims else None
-    if names is not None:  # (a copy: the caller's list may change before the next save)
-        names = [names] if isinstance(names, str) else list(names)
+    names = None
+    if dims and path in dims:  # (a copy: the caller's list may change before the next save)
+        names = [dims[path]] if isinstance(dims[path], str) else list(dims[path])
     wanted = (path, chunk_bytes, codec, names)
     if type(value) is not np.ndarray:
         known = _planned.get(value)
@@ -235,7 +235,8 @@ def _plan_leaf(
     if names is not None:
         fields["dims"] = _dimension_names(path, names, len(layout.shape))
     rec.update(fields)
-    if source is value and isinstance(array, np.ndarray):  # a jax.Array itself, not sharded
+    if source is value and kind["kind"] == "jax" and isinstance(array, np.ndarray):
+        # (a jax.Array itself: not sharded, not a typed PRNG key, stored as its key data)
         _planned.put(value, (wanted, layout, fields))
     return LeafData(path, array, layout, {}, fields.get("dims")), source
 
