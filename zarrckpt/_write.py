@@ -213,9 +213,10 @@ def _plan_leaf(
 ) -> tuple[LeafData, Any]:  # fmt: skip
     """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
     came from (None: none, or a mutable NumPy array)."""
-    names = None
+    names: list[str] | None = None
     if dims and path in dims:  # (a copy: the caller's list may change before the next save)
-        names = [dims[path]] if isinstance(dims[path], str) else list(dims[path])
+        given = dims[path]
+        names = [given] if isinstance(given, str) else list(given)
     wanted = (path, chunk_bytes, codec, names)
     if type(value) is not np.ndarray:
         known = _planned.get(value)
