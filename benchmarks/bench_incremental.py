@@ -365,6 +365,8 @@ def ask(proc, line: str) -> dict:
 
 
 def run_local(args: argparse.Namespace) -> None:
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="zarrckpt-changes-", dir=args.dir or os.getcwd())
     results: dict[tuple[str, str], dict] = {}
     try:
