@@ -267,9 +267,8 @@ def _hash_ahead(leaf: LeafData) -> list[Future[list[str | None]]]:
     ]
 
 
-def _dimension_names(path: str, names: Any, ndim: int) -> list[str]:
-    """``names`` checked as a leaf's dimension names."""
-    names = [names] if isinstance(names, str) else list(names)
+def _dimension_names(path: str, names: list[str], ndim: int) -> list[str]:
+    """``names`` (a list: :func:`_plan_leaf` made it one) checked as a leaf's dimension names."""
     problem = _leaves.check_dims(names, ndim)
     if problem:
         raise ValueError(f"dims[{path!r}]: {problem}")
