@@ -186,3 +186,18 @@ def test_core_imports_without_either_framework():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_state_class_is_a_leaf_or_a_container_by_what_it_holds():
+    """Most leaves are recognised by their type, which is then remembered (a large tree asks
+    about the same types thousands of times); a State's class never is: the same class holds
+    an array here and a sub-tree there, in either order."""
+    from zarrckpt import _leaves, _tree
+
+    leaf = brainstate.State(jnp.arange(3.0))
+    holder = brainstate.State({"x": jnp.ones(2), "y": np.arange(2)})
+    for tree in ({"a": leaf, "sub": holder}, {"sub": holder, "a": leaf}):
+        _, flat, _ = _tree.flatten(tree)
+        assert sorted(path for path, _ in flat) == ["a", "sub/x", "sub/y"]
+    assert brainstate.State not in _leaves.LEAF_TYPES
+    assert type(jnp.ones(2)) in _leaves.LEAF_TYPES

@@ -434,6 +434,8 @@ class ArrayLayout:
 
     def chunk_data(self, array: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
         """The full-size, little-endian, C-contiguous chunk ``idx`` of ``array`` (edges padded)."""
+        if self.chunks == self.shape and array.flags.c_contiguous and array.dtype.byteorder != ">":
+            return array  # one chunk, the whole array, as it is stored
         region = self.chunk_region(idx)
         part = array[region]
         if part.dtype.byteorder == ">":
@@ -457,6 +459,11 @@ class ArrayLayout:
         """Chunk ``idx`` of ``array`` as (its bytes: a view, no copy; the number of zero
         bytes of padding after them), when :meth:`chunk_data` would be exactly these bytes
         followed by zeros; else None (a copy is needed)."""
+        if self.chunks == self.shape:  # one chunk, the whole array (most small leaves)
+            if array.dtype.byteorder != ">" and array.flags.c_contiguous:
+                raw = array.reshape(-1).view(np.uint8)
+                return raw, self.chunk_nbytes - raw.size
+            return None
         region = self.chunk_region(idx)
         part = array[region]
         if (

@@ -38,6 +38,7 @@ from .errors import CorruptCheckpointError, UnsupportedLeafError, ZarrCkptWarnin
 
 __all__ = [
     "HASH_FIELD",
+    "LEAF_TYPES",
     "IdentityMemo",
     "check_dims",
     "check_record",
@@ -111,17 +112,26 @@ def is_leaf(value: Any) -> bool:
     leaf if it holds an array or a Quantity (a State holding a sub-tree is a container:
     see :func:`state_subtree`).
     """
-    if isinstance(value, (np.ndarray, np.generic, bool, int, float, complex, str, bytes)):
+    cls = type(value)
+    if cls in LEAF_TYPES:
         return True
-    if _is(value, _module_attr("jax", "Array")) or _is(value, _brainpy_array_type()):
-        return True
-    if _is(value, _module_attr("jax", "ShapeDtypeStruct")):  # a target: restores a jax.Array
-        return True
-    if _is(value, _quantity_type()):
+    if (
+        isinstance(value, (np.ndarray, np.generic, bool, int, float, complex, str, bytes))
+        or _is(value, _module_attr("jax", "Array"))
+        or _is(value, _brainpy_array_type())
+        or _is(value, _module_attr("jax", "ShapeDtypeStruct"))  # a target: restores a jax.Array
+        or _is(value, _quantity_type())
+    ):
+        LEAF_TYPES.add(cls)  # (decided by its type alone: a State is not)
         return True
     if _is(value, _module_attr("brainstate", "State")):
         return _holds_array(value.value)
     return False
+
+
+#: Types whose every instance is a leaf (:func:`is_leaf` decides by type for all but
+#: States): the leaves of a large tree are asked about again and again.
+LEAF_TYPES: set[type] = {np.ndarray, bool, int, float, str}
 
 
 def state_subtree(value: Any) -> tuple[Any] | None:

@@ -411,6 +411,8 @@ def _pytree_node(obj: Any, named: bool) -> _Node | None:
 
 def _node(obj: Any, path: str, named: bool = True) -> _Node | None:
     """The container ``obj`` as a :class:`_Node`, or None if ``obj`` is a leaf."""
+    if type(obj) in _leaves.LEAF_TYPES:  # (most objects of a large tree)
+        return None
     if obj is None:
         return _Node({"type": "none"}, [])
     if isinstance(obj, dict):

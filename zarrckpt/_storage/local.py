@@ -247,12 +247,13 @@ class LocalStorage(Storage):
         self.leases = self.conditional_writes = fcntl is not None  # per instance: see _flock
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
+        self._prefix = os.path.join(self.url, "")  # (what os.path.join(url, key) starts with)
         self._leases: dict[str, int] = {}
         self._real_root: str | None = None
 
     def _path(self, key: str) -> str:
-        # (``url`` is the root as a str: joining to a Path converts it on every call)
-        return os.path.join(self.url, check_key(self.url, key)) if key else self.url
+        # (a checked key is relative: what os.path.join does, without its cost per call)
+        return self._prefix + check_key(self.url, key) if key else self.url
 
     async def _run(self, op: str, key: str, fn: Any, *args: Any) -> Any:
         async with self.errors(op, key):
@@ -376,7 +377,7 @@ class LocalStorage(Storage):
         # No O_TRUNC: a recycled file is overwritten in place (truncating frees its blocks
         # and the write allocates them again, the largest cost of a recycled save in a
         # profile), and cut only where the new content is shorter (a compressed chunk).
-        step_dir = key.partition("/")[0]
+        step_dir, _, rest = key.partition("/")
         fd = _open_for_writing(  # a leased step directory is never re-created
             self._path(key), self._path(step_dir) if step_dir in self._leases else None
         )
@@ -386,13 +387,13 @@ class LocalStorage(Storage):
             if st.st_size > written:
                 os.ftruncate(fd, written)
                 st = os.fstat(fd)
-            self._remember(key, st)
+            self._remember(step_dir, rest, st)
         finally:
             os.close(fd)
 
-    def _remember(self, key: str, st: os.stat_result) -> None:
-        """Note the identity of a file written or linked into one of this process's steps."""
-        step_dir, _, rest = key.partition("/")
+    def _remember(self, step_dir: str, rest: str, st: os.stat_result) -> None:
+        """Note the identity of a file written or linked into one of this process's steps
+        (key ``rest`` relative to ``step_dir``)."""
         mine = _own.get((self._real(), step_dir))
         written = mine.written if mine is not None else None  # once: another save may drop it
         if written is not None and rest:
@@ -495,6 +496,7 @@ class LocalStorage(Storage):
     def _link(self, src: str, dst: str) -> bool:
         """Hard-link the regular file ``src`` as ``dst`` (replacing what is there)."""
         source, target = self._path(src), self._path(dst)
+        step, _, rest = dst.partition("/")
         try:
             st = os.lstat(source)
         except OSError:
@@ -505,12 +507,12 @@ class LocalStorage(Storage):
             try:
                 os.link(source, target, follow_symlinks=False)
                 with contextlib.suppress(OSError):  # gone at once: then nothing is noted
-                    self._remember(dst, os.lstat(target))  # what was linked, not ``st``
+                    self._remember(step, rest, os.lstat(target))  # what was linked, not ``st``
                 return True
             except FileExistsError:
                 there = os.lstat(target)
                 if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
-                    self._remember(dst, there)
+                    self._remember(step, rest, there)
                     return True  # a recycled spare already shares it
                 os.unlink(target)
             except FileNotFoundError:
