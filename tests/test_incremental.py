@@ -321,7 +321,7 @@ def test_a_previous_step_gone_meanwhile_means_writing(tmp_path, monkeypatch):
     assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
 
 
-@pytest.mark.parametrize("backend", ["memory", "s3", "s3-obstore"])
+@pytest.mark.parametrize("backend", ["memory", "s3", "s3-obstore", "gcs", "gcs-obstore"])
 def test_object_stores_copy_server_side(backend, request, monkeypatch):
     if backend == "memory":
         url, options = f"memory://{os.urandom(8).hex()}/run", None
@@ -334,7 +334,7 @@ def test_object_stores_copy_server_side(backend, request, monkeypatch):
     from zarrckpt._storage import objects
 
     classes = [objects.StoreStorage]
-    if backend == "s3-obstore":
+    if backend.endswith("-obstore"):
         from zarrckpt._storage import obstore as obstore_storage
 
         classes = [obstore_storage.ObjectStoreStorage]
