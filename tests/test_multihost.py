@@ -178,6 +178,7 @@ def test_three_processes_save_two_restore_one_loads(tmp_path):
     assert_ok(job("restore", root, tmp_path, count=2))
 
 
+@pytest.mark.slow
 def test_a_failing_process_fails_the_save_everywhere(tmp_path):
     root = str(tmp_path / "ckpt")
     assert_ok(job("save", root, tmp_path))
@@ -190,6 +191,7 @@ def test_a_failing_process_fails_the_save_everywhere(tmp_path):
     check_saved(root)
 
 
+@pytest.mark.slow
 def test_a_process_that_never_saves_is_a_timeout_not_a_hang(tmp_path):
     root = str(tmp_path / "ckpt")
     env = {"ZARRCKPT_COLLECTIVE_TIMEOUT_S": "3"}
@@ -199,6 +201,7 @@ def test_a_process_that_never_saves_is_a_timeout_not_a_hang(tmp_path):
     assert zarrckpt.list_steps(root) == []
 
 
+@pytest.mark.slow
 def test_overwrite_false_is_decided_once_and_raised_everywhere(tmp_path):
     root = str(tmp_path / "ckpt")
     assert_ok(job("save", root, tmp_path))
@@ -218,6 +221,7 @@ def test_async_collective_saves(tmp_path):
     assert len([p for p in Path(root).iterdir() if p.name.startswith(".spare-step_")]) == 1
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_previous_step_and_the_next_job_collects(tmp_path):
     root = str(tmp_path / "ckpt")
     assert_ok(job("save", root, tmp_path))
@@ -252,6 +256,7 @@ def test_shard_aligned_grids_read_by_zarr_tensorstore_and_lazy_slices(tmp_path):
     np.testing.assert_array_equal(ckpt["w"][33, ::7], w[33, ::7])
 
 
+@pytest.mark.slow
 def test_a_late_process_0_is_an_error_everywhere_not_a_hang(tmp_path):
     root = str(tmp_path / "ckpt")
     reports = job("late0", root, tmp_path, env={"ZARRCKPT_COLLECTIVE_TIMEOUT_S": "1.5"})
@@ -317,6 +322,7 @@ def test_calls_that_differ_are_refused_on_every_process(tmp_path, scenario, says
     assert zarrckpt.list_steps(root) == [] and not Path(root + "-elsewhere").exists()
 
 
+@pytest.mark.slow
 def test_a_load_failing_on_one_process_fails_everywhere_and_later_loads_pair_up(tmp_path):
     root = str(tmp_path / "ckpt")
     assert_ok(job("save", root, tmp_path))

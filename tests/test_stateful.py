@@ -236,7 +236,7 @@ class MemoryCheckpointMachine(CheckpointMachine):
     backend = "memory"
 
 
-TestLocalCheckpoint = CheckpointMachine.TestCase
+TestLocalCheckpoint = pytest.mark.slow(CheckpointMachine.TestCase)
 TestLocalCheckpoint.settings = SETTINGS
-TestMemoryCheckpoint = MemoryCheckpointMachine.TestCase
+TestMemoryCheckpoint = pytest.mark.slow(MemoryCheckpointMachine.TestCase)
 TestMemoryCheckpoint.settings = SETTINGS
