@@ -357,6 +357,12 @@ def _dict_node(obj: dict[Any, Any], path: str, named: bool) -> _Node:
     items = list(obj.items())
     if not named:
         return _Node(header, [(k, [], v) for k, v in items])
+    plain = tuple(k for k, _ in items)
+    if all(type(k) is str or type(k) is int for k in plain):  # (not bool: a type of its own)
+        names = _sibling_names_of(plain)  # the common case: one level of str or int keys
+        header["keys"] = list(plain)
+        header["names"] = list(names)
+        return _Node(header, [(k, [n], v) for (k, v), n in zip(items, names, strict=True)])
     keys = [k for k, _ in items]
     if any(isinstance(k, tuple) for k in keys):
         paths, groups = _trie_names([_key_parts(path, k) for k in keys])
@@ -463,6 +469,7 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
     """
     leaves: list[tuple[str, Any]] = []
     groups: list[str] = []
+    leaf_types = _leaves.LEAF_TYPES
 
     def visit(obj: Any, path: str, depth: int, in_node: bool) -> dict[str, Any]:
         if depth > MAX_DEPTH:
@@ -484,7 +491,13 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
         in_node = in_node or header["type"] == "pytree"
         kids = []
         for _, names, child in node.kids:
-            kids.append(visit(child, _join(path, names), depth + max(1, len(names)), in_node))
+            child_path, child_depth = _join(path, names), depth + max(1, len(names))
+            if type(child) in leaf_types and child_depth <= MAX_DEPTH:  # (visit's first case)
+                leaf_path = child_path or ROOT_LEAF_NAME
+                leaves.append((leaf_path, child))
+                kids.append({"type": "leaf", "path": leaf_path})
+            else:
+                kids.append(visit(child, child_path, child_depth, in_node))
         header["children"] = kids
         return header
 
