@@ -496,3 +496,39 @@ def test_random_trees_with_tuple_keys_round_trip(tmp_path_factory, tree):
     save(url, tree, chunk_bytes=64)
     assert_same(zarrckpt.load_pytree(url), tree)
     assert_same(zarrckpt.load_pytree(url, tree), tree)
+
+
+def test_a_jax_tracers_class_is_never_remembered_as_a_leaf_class():
+    """Leaf classes are remembered (a large tree asks about the same few thousands of times),
+    but a tracer is a ``jax.Array`` by what it traces: one holding a ``Ref`` is not, and below
+    a registered node it stays taken from the target, whatever was flattened before."""
+    from jax.tree_util import register_pytree_node_class
+
+    from zarrckpt import _leaves, _tree
+
+    @register_pytree_node_class
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+        def tree_flatten(self):
+            return (self.v,), None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(*children)
+
+    seen = {}
+
+    def traced(x):
+        seen["array"] = _tree.flatten({"a": x})[0]["children"][0]  # an array tracer: a leaf
+        seen["class"] = type(x)
+        if hasattr(jax, "new_ref"):  # (jax >= 0.7)
+            seen["ref"] = _tree.flatten({"b": Box(jax.new_ref(x))})[0]["children"][0]
+        return x
+
+    jax.jit(traced)(jnp.ones(2))
+    assert seen["array"] == {"type": "leaf", "path": "a"}
+    assert seen["class"] not in _leaves.LEAF_TYPES
+    if "ref" in seen:
+        assert seen["ref"]["children"][0]["type"] == "from_target", seen["ref"]

@@ -115,23 +115,39 @@ def is_leaf(value: Any) -> bool:
     cls = type(value)
     if cls in LEAF_TYPES:
         return True
-    if (
-        isinstance(value, (np.ndarray, np.generic, bool, int, float, complex, str, bytes))
-        or _is(value, _module_attr("jax", "Array"))
-        or _is(value, _brainpy_array_type())
-        or _is(value, _module_attr("jax", "ShapeDtypeStruct"))  # a target: restores a jax.Array
-        or _is(value, _quantity_type())
-    ):
-        LEAF_TYPES.add(cls)  # (decided by its type alone: a State is not)
+    classes = _leaf_classes()
+    if issubclass(cls, classes):  # every instance of ``cls`` is a leaf
+        if len(LEAF_TYPES) < _MAX_LEAF_TYPES:
+            LEAF_TYPES.add(cls)
+        return True
+    if isinstance(value, classes):  # this instance only (a JAX tracer holding an array)
         return True
     if _is(value, _module_attr("brainstate", "State")):
         return _holds_array(value.value)
     return False
 
 
-#: Types whose every instance is a leaf (:func:`is_leaf` decides by type for all but
-#: States): the leaves of a large tree are asked about again and again.
+def _leaf_classes() -> tuple[type, ...]:
+    """The classes whose instances :func:`is_leaf` takes (of the frameworks imported so far;
+    ``jax.ShapeDtypeStruct``: a target, which restores a ``jax.Array``)."""
+    found = [np.ndarray, np.generic, bool, int, float, complex, str, bytes]
+    for cls in (
+        _module_attr("jax", "Array"),
+        _brainpy_array_type(),
+        _module_attr("jax", "ShapeDtypeStruct"),
+        _quantity_type(),
+    ):
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+#: Types whose every instance is a leaf, by class (not a brainstate State, a leaf or a
+#: container by what it holds; not a JAX tracer, a ``jax.Array`` by the value it traces):
+#: the leaves of a large tree are asked about again and again. Bounded: classes made on
+#: the fly are not kept forever.
 LEAF_TYPES: set[type] = {np.ndarray, bool, int, float, str}
+_MAX_LEAF_TYPES = 1024
 
 
 def state_subtree(value: Any) -> tuple[Any] | None:
