@@ -434,8 +434,8 @@ class ArrayLayout:
 
     def chunk_data(self, array: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
         """The full-size, little-endian, C-contiguous chunk ``idx`` of ``array`` (edges padded)."""
-        if self.chunks == self.shape and array.flags.c_contiguous and array.dtype.byteorder != ">":
-            return array  # one chunk, the whole array, as it is stored
+        if self._stored_whole(array):
+            return array
         region = self.chunk_region(idx)
         part = array[region]
         if part.dtype.byteorder == ">":
@@ -445,6 +445,13 @@ class ArrayLayout:
         full = np.zeros(self.chunks, dtype=self.dtype)
         full[tuple(slice(0, r.stop - r.start) for r in region)] = part
         return full
+
+    def _stored_whole(self, array: np.ndarray) -> bool:
+        """Whether ``array`` is its one chunk as stored (most small leaves): C-contiguous,
+        little-endian, one chunk of its whole shape; no region to slice out."""
+        return (
+            self.chunks == self.shape and array.flags.c_contiguous and array.dtype.byteorder != ">"
+        )
 
     def _valid_is_prefix(self, region: tuple[slice, ...]) -> bool:
         """Whether a chunk's valid (unpadded) elements are a prefix of its C-order bytes."""
@@ -459,11 +466,9 @@ class ArrayLayout:
         """Chunk ``idx`` of ``array`` as (its bytes: a view, no copy; the number of zero
         bytes of padding after them), when :meth:`chunk_data` would be exactly these bytes
         followed by zeros; else None (a copy is needed)."""
-        if self.chunks == self.shape:  # one chunk, the whole array (most small leaves)
-            if array.dtype.byteorder != ">" and array.flags.c_contiguous:
-                raw = array.reshape(-1).view(np.uint8)
-                return raw, self.chunk_nbytes - raw.size
-            return None
+        if self._stored_whole(array):
+            raw = array.reshape(-1).view(np.uint8)
+            return raw, self.chunk_nbytes - raw.size
         region = self.chunk_region(idx)
         part = array[region]
         if (

@@ -357,25 +357,21 @@ def _dict_node(obj: dict[Any, Any], path: str, named: bool) -> _Node:
     items = list(obj.items())
     if not named:
         return _Node(header, [(k, [], v) for k, v in items])
-    plain = tuple(k for k, _ in items)
-    if all(type(k) is str or type(k) is int for k in plain):  # (not bool: a type of its own)
-        names = _sibling_names_of(plain)  # the common case: one level of str or int keys
-        header["keys"] = list(plain)
-        header["names"] = list(names)
-        return _Node(header, [(k, [n], v) for (k, v), n in zip(items, names, strict=True)])
-    keys = [k for k, _ in items]
-    if any(isinstance(k, tuple) for k in keys):
+    keys = tuple(k for k, _ in items)
+    if any(isinstance(k, tuple) for k in keys):  # tuple keys: a trie of intermediate groups
         paths, groups = _trie_names([_key_parts(path, k) for k in keys])
-    else:  # one level of siblings
-        for key in keys:
-            _key_parts(path, key)
-        paths, groups = [[n] for n in _sibling_names(keys)], []
-    header["keys"] = [list(k) if isinstance(k, tuple) else k for k, _ in items]
-    header["names"] = [
-        p if isinstance(k, tuple) else p[0] for (k, _), p in zip(items, paths, strict=True)
-    ]
-    kids = [(k, p, v) for (k, v), p in zip(items, paths, strict=True)]
-    return _Node(header, kids, groups)
+        header["keys"] = [list(k) if isinstance(k, tuple) else k for k in keys]
+        header["names"] = [
+            p if isinstance(k, tuple) else p[0] for k, p in zip(keys, paths, strict=True)
+        ]
+        return _Node(header, [(k, p, v) for (k, v), p in zip(items, paths, strict=True)], groups)
+    for key in keys:  # one level of siblings (the common case)
+        if type(key) is not str and type(key) is not int:  # (bool is a type of its own)
+            _key_parts(path, key)  # refuses a key of another type, naming it
+    names = _sibling_names_of(keys)
+    header["keys"] = list(keys)
+    header["names"] = list(names)
+    return _Node(header, [(k, [n], v) for (k, v), n in zip(items, names, strict=True)])
 
 
 def _key_entry(entry: Any, position: int, tree_util: Any) -> tuple[list[Any], str | int]:
@@ -471,6 +467,11 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
     groups: list[str] = []
     leaf_types = _leaves.LEAF_TYPES
 
+    def leaf(obj: Any, path: str) -> dict[str, Any]:
+        leaf_path = path or ROOT_LEAF_NAME
+        leaves.append((leaf_path, obj))
+        return {"type": "leaf", "path": leaf_path}
+
     def visit(obj: Any, path: str, depth: int, in_node: bool) -> dict[str, Any]:
         if depth > MAX_DEPTH:
             raise _too_deep(path)
@@ -478,9 +479,7 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
         if node is None:
             if in_node and not _leaves.is_leaf(obj):
                 return _from_target(obj)
-            leaf_path = path or ROOT_LEAF_NAME
-            leaves.append((leaf_path, obj))
-            return {"type": "leaf", "path": leaf_path}
+            return leaf(obj, path)
         header = node.header
         if header["type"] == "none":
             return header
@@ -492,10 +491,8 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
         kids = []
         for _, names, child in node.kids:
             child_path, child_depth = _join(path, names), depth + max(1, len(names))
-            if type(child) in leaf_types and child_depth <= MAX_DEPTH:  # (visit's first case)
-                leaf_path = child_path or ROOT_LEAF_NAME
-                leaves.append((leaf_path, child))
-                kids.append({"type": "leaf", "path": leaf_path})
+            if type(child) in leaf_types and child_depth <= MAX_DEPTH:  # (what visit does)
+                kids.append(leaf(child, child_path))
             else:
                 kids.append(visit(child, child_path, child_depth, in_node))
         header["children"] = kids
