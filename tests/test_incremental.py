@@ -379,3 +379,86 @@ def test_a_failed_save_drops_the_hashes_it_started(tmp_path, monkeypatch):
     with pytest.raises(zarrckpt.AlreadyExistsError):
         zarrckpt.save_pytree(root, {"v": big}, overwrite=False, verbose=False)
     assert cancelled == [{"v"}]
+
+
+def _carried(monkeypatch) -> list[set[str]]:
+    """The paths of the leaves each save carried whole from the previous step."""
+    from zarrckpt import _write
+
+    seen: list[set[str]] = []
+    carried_over = _write.Plan.carried_over
+
+    def spy(self, previous):
+        result = carried_over(self, previous)
+        seen.append({c.path for c in result.carried})
+        return result
+
+    monkeypatch.setattr(_write.Plan, "carried_over", spy)
+    return seen
+
+
+def test_a_loops_unchanged_jax_leaves_are_carried_and_written_where_a_link_fails(
+    tmp_path, monkeypatch
+):
+    """The very jax.Arrays of the previous save are carried: linked whole, not planned,
+    hashed or compared again. A carried leaf whose link fails (its file in the previous step
+    vanished) is written from the array, and the step is complete."""
+    jnp = pytest.importorskip("jax.numpy")
+    root = str(tmp_path / "run")
+    state = {"W": jnp.arange(60_000, dtype=jnp.float32), "V": jnp.zeros(10), "n": 3}
+    carried = _carried(monkeypatch)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    state["V"] = state["V"] + 1
+    hashed = []
+    chunk_hashes = _reuse.chunk_hashes
+    monkeypatch.setattr(
+        _reuse, "chunk_hashes", lambda layout, a: hashed.append(a.shape) or chunk_hashes(layout, a)
+    )
+    link_many = local_storage.LocalStorage.link_many
+
+    async def vanish_then_link(self, pairs):
+        (_steps(root)[0] / "W" / "c.0").unlink()
+        return await link_many(self, pairs)
+
+    monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    assert carried == [set(), {"W"}] and hashed == [(10,), ()]
+    second = _steps(root)[1]
+    assert os.stat(second / "W/c.0").st_nlink == 1  # written: the link had nothing to link
+    assert os.stat(second / "W/zarr.json").st_nlink == 2  # linked
+    out = zarrckpt.load_pytree(root, step=1)
+    assert np.array_equal(out["W"], np.asarray(state["W"]))
+    assert np.array_equal(out["V"], np.asarray(state["V"]))
+    assert cli.main(["verify", root, "--all"]) == 1  # step 0 lost a file; step 1 is whole
+    assert cli.main(["verify", root]) == 0
+
+
+def test_a_carried_leaf_is_written_after_another_processs_commit(tmp_path, monkeypatch):
+    """Leaves are carried from the step this process committed last; if another process
+    committed a step since (here with other values under the same names and layouts), the
+    save compares with that step instead, and writes what differs from it."""
+    import subprocess
+    import sys
+
+    jnp = pytest.importorskip("jax.numpy")
+    root = str(tmp_path / "run")
+    state = {"W": jnp.arange(1000, dtype=jnp.float32), "V": jnp.zeros(10)}
+    carried = _carried(monkeypatch)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    other = (
+        "import sys, numpy as np, zarrckpt\n"
+        "zarrckpt.save_pytree(sys.argv[1], {'W': np.full(1000, 7, np.float32),"
+         " 'V': np.zeros(10, np.float32)}, keep=None, verbose=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", other, root], check=True, timeout=120)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    assert carried == [set(), set()]  # planned as carried, then not: the latest step changed
+    theirs, step_dir = _steps(root)[1], _steps(root)[2]
+    # equal bytes: linked from the other process's step; W's differ: written
+    assert os.stat(step_dir / "V/c.0").st_ino == os.stat(theirs / "V/c.0").st_ino
+    assert os.stat(step_dir / "W/c.0").st_nlink == 1
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], np.arange(1000, dtype=np.float32))
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    assert carried[-1] == {"W", "V"}
+    assert np.array_equal(zarrckpt.load_pytree(root)["W"], np.arange(1000, dtype=np.float32))

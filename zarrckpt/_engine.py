@@ -226,28 +226,19 @@ async def write_step(
     max_requests: int = MAX_REQUESTS_IN_FLIGHT,
     unchanged: frozenset[str] = frozenset(),
     primary: bool = True,
-    linked: dict[str, str] | None = None,
 ) -> None:
     """Write a whole step under ``step_dir``; ``record`` (its group ``zarr.json``) goes last.
 
-    ``unchanged``: metadata keys (relative to ``step_dir``) already there with the very bytes
-    this would write (a recycled directory): they are skipped. ``linked``: keys (relative
-    to ``step_dir``) whose bytes are in a file of the previous step (key relative to the
-    root, ``_reuse``): linked or copied server-side, written only where that fails. In a
-    collective save, the
-    ``primary`` process writes the metadata and the leaves that are not sharded over
-    processes, the others only the chunks of their :class:`Shards`; the record is written
-    apart, once all are done (``record=None``).
+    ``unchanged``: keys (relative to ``step_dir``) already there with the very bytes this
+    would write (metadata of a recycled directory, files linked from the previous step):
+    they are skipped. In a collective save, the ``primary`` process writes the metadata and
+    the leaves that are not sharded over processes, the others only the chunks of their
+    :class:`Shards`; the record is written apart, once all are done (``record=None``).
     """
     budget = _Budget(MAX_BYTES_IN_FLIGHT)
 
     def prefixed(path: str) -> str:
         return f"{step_dir}/{path}" if path else step_dir
-
-    if linked:  # (metadata a recycled directory already holds needs no link)
-        pairs = [(src, prefixed(dst)) for dst, src in linked.items() if dst not in unchanged]
-        failed = await storage.link_many(pairs)
-        unchanged = unchanged | {dst for dst in linked if prefixed(dst) not in failed}
 
     def put_json(key: str, data: bytes) -> Callable[[], Any]:
         return lambda: storage.put(key, [data])

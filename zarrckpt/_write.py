@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -43,11 +43,34 @@ __all__ = ["DEFAULT_KEEP", "Plan", "plan", "save"]
 DEFAULT_KEEP: Any = "default"
 
 
+class Carried(NamedTuple):
+    """A leaf that the previous step (this process's last commit into the root) holds whole:
+    the very same immutable ``jax.Array``, planned alike. Each of its files is linked from
+    there; it is not converted, hashed or compared again (a save loop's unchanged leaves)."""
+
+    path: str
+    value: Any
+    layout: ArrayLayout
+    dims: list[str] | None
+    #: the previous step's (layout, dims, hashes) of the leaf
+    entry: tuple[ArrayLayout, Any, list[str]]
+
+    def leaf(self) -> LeafData:
+        return LeafData(self.path, np.asarray(self.value), self.layout, {}, self.dims)
+
+    def files(self) -> list[str]:
+        """Its files' keys, relative to the step."""
+        path, layout = self.path, self.layout
+        names = layout.chunk_keys() if layout.nbytes else ()
+        return [f"{path}/zarr.json"] + [f"{path}/{name}" for _, name in names]
+
+
 @dataclass(frozen=True)
 class Plan:
     """A flattened, host-side snapshot of a tree, ready to write."""
 
     record: dict[str, Any]
+    #: the leaves to write
     leaves: list[LeafData]
     groups: list[str]
     #: leaf path -> its record (in ``record``)
@@ -57,6 +80,24 @@ class Plan:
     #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves), a
     #: run of chunks per future
     hashing: dict[str, list[Future[list[str | None]]]] = field(default_factory=dict)
+    #: the leaves the previous step holds whole (:class:`Carried`), and that step
+    carried: list[Carried] = field(default_factory=list)
+    carried_from: _reuse.Previous | None = None
+
+    def carried_over(self, previous: _reuse.Previous | None) -> Plan:
+        """This plan for a save whose latest committed step is ``previous``: the carried
+        leaves become leaves to write, unless ``previous`` is the step they were carried
+        from (another process may have committed since)."""
+        if not self.carried or previous is self.carried_from:
+            return self
+        sources = {**self.sources, **{c.path: c.value for c in self.carried}}
+        leaves = self.leaves + [c.leaf() for c in self.carried]
+        return replace(self, leaves=leaves, sources=sources, carried=[], carried_from=None)
+
+    @property
+    def count(self) -> int:
+        """Its leaves, written or carried."""
+        return len(self.leaves) + len(self.carried)
 
     def cancel_hashing(self) -> None:
         """Drop the hashes not started yet (a save that fails before it writes)."""
@@ -88,6 +129,8 @@ class Plan:
             if found is None:
                 found = _reuse.chunk_hashes(leaf.layout, leaf.array)
             hashes[leaf.path] = self.records[leaf.path][_leaves.HASH_FIELD] = found
+        for carried in self.carried:  # (their records have them: _plan_leaf)
+            hashes[carried.path] = carried.entry[2]
         return hashes
 
     def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> dict[str, str]:
@@ -106,16 +149,25 @@ class Plan:
                     names = names if names is not None else leaf.layout.chunk_keys()
                     key = f"{leaf.path}/{names[i][1]}"
                 linked[key] = f"{previous.dir}/{key}"
+        if self.carried:
+            assert previous is self.carried_from  # (carried_over)
+            for carried in self.carried:
+                for key in carried.files():
+                    linked[key] = f"{previous.dir}/{key}"
         return linked
 
     @property
     def nbytes(self) -> int:
-        return sum(leaf.layout.nbytes for leaf in self.leaves)
+        return sum(leaf.layout.nbytes for leaf in self._all())
+
+    def _all(self) -> Iterator[LeafData | Carried]:
+        yield from self.leaves
+        yield from self.carried
 
     def keys(self) -> set[str]:
         """Every file of the step, relative to its directory."""
         keys = {f"{g}/zarr.json" if g else "zarr.json" for g in self.groups}
-        for leaf in self.leaves:
+        for leaf in self._all():
             keys.add(f"{leaf.path}/zarr.json")
             if leaf.layout.nbytes:
                 keys.update(
@@ -126,7 +178,7 @@ class Plan:
     def metadata_keys(self) -> frozenset[str]:
         return frozenset(
             [f"{g}/zarr.json" for g in self.groups if g]
-            + [f"{leaf.path}/zarr.json" for leaf in self.leaves]
+            + [f"{leaf.path}/zarr.json" for leaf in self._all()]
         )
 
     def unchanged_metadata(self, old: dict[str, Any]) -> frozenset[str]:
@@ -144,7 +196,7 @@ class Plan:
         same = {f"{g}/zarr.json" for g in self.groups if g and g in groups}
         same |= {
             f"{leaf.path}/zarr.json"
-            for leaf in self.leaves
+            for leaf in self._all()
             if layouts.get(leaf.path) == (leaf.layout, leaf.dims)
         }
         return frozenset(same)
@@ -163,10 +215,11 @@ def _known_hashes(leaf: LeafData, source: Any) -> list[str] | None:
 def plan(
     target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None,
     dims: dict[str, Sequence[str]] | None = None, collective: bool = False,
-    hash_ahead: bool = False,
+    hash_ahead: bool = False, previous: _reuse.Previous | None = None,
 ) -> Plan:  # fmt: skip
     """``target`` flattened into host arrays and records; with ``hash_ahead``, the chunk
-    hashes of its large leaves (those an earlier save did not know) start at once."""
+    hashes of its large leaves (those an earlier save did not know) start at once. The
+    leaves that ``previous`` holds whole are carried (:class:`Carried`)."""
     record, flat, groups = _tree.flatten(target)
     by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
     unknown = sorted(set(dims or ()) - set(by_path))
@@ -176,13 +229,17 @@ def plan(
             f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
         )
     leaves: list[LeafData] = []
+    carried: list[Carried] = []
     sources: dict[str, Any] = {}
     hashing: dict[str, list[Future[list[str | None]]]] = {}
     try:
         for path, value in flat:
             leaf, source = _plan_leaf(
-                path, value, by_path[path], copy, chunk_bytes, codec, dims, collective
+                path, value, by_path[path], copy, chunk_bytes, codec, dims, collective, previous
             )
+            if isinstance(leaf, Carried):
+                carried.append(leaf)
+                continue
             leaves.append(leaf)
             if source is not None:
                 sources[path] = source
@@ -191,7 +248,9 @@ def plan(
     except BaseException:
         _cancel(hashing)
         raise
-    return Plan(record, leaves, groups, by_path, sources, hashing)
+    return Plan(
+        record, leaves, groups, by_path, sources, hashing, carried, previous if carried else None
+    )
 
 
 def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
@@ -210,9 +269,10 @@ _planned = _leaves.IdentityMemo()
 def _plan_leaf(
     path: str, value: Any, rec: dict[str, Any], copy: bool, chunk_bytes: int | None,
     codec: str | None, dims: dict[str, Sequence[str]] | None, collective: bool,
-) -> tuple[LeafData, Any]:  # fmt: skip
+    previous: _reuse.Previous | None,
+) -> tuple[LeafData | Carried, Any]:  # fmt: skip
     """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
-    came from (None: none, or a mutable NumPy array)."""
+    came from (None: none, or a mutable NumPy array); carried if ``previous`` holds it."""
     names: list[str] | None = None
     if dims and path in dims:  # (a copy: the caller's list may change before the next save)
         given = dims[path]
@@ -222,6 +282,10 @@ def _plan_leaf(
         known = _planned.get(value)
         if known is not None and known[0] == wanted:
             rec.update(known[2])
+            entry = previous.holds(path, known[1], names, value) if previous is not None else None
+            if entry is not None:
+                rec[_leaves.HASH_FIELD] = entry[2]
+                return Carried(path, value, known[1], names, entry), None
             return LeafData(path, np.asarray(value), known[1], {}, names), value
     source = _leaves.immutable_array(value)
     array, kind = _leaves.encode(path, value, copy=copy)
@@ -318,6 +382,8 @@ def _held(
         if entry is None or entry[2] != found or entry[0] != leaf.layout or entry[1] != leaf.dims:
             entry = (leaf.layout, leaf.dims, found)
         held[leaf.path] = entry
+    for carried in snapshot.carried:
+        held[carried.path] = carried.entry
     return held
 
 
@@ -453,15 +519,14 @@ def _save(
             dims=dims,
             collective=collective is not None,
             hash_ahead=incremental,
+            previous=_reuse.last_committed(storage) if incremental else None,
         )
 
     def decide() -> tuple[Manifest, Any, StepInfo]:
         found, token = run(read_manifest_versioned(storage))
         base = found or Manifest()
         number = _resolve_step(base, step, overwrite, storage.url)
-        info = StepInfo(
-            number, new_step_dir(number), time.time(), len(snapshot.leaves), snapshot.nbytes
-        )
+        info = StepInfo(number, new_step_dir(number), time.time(), snapshot.count, snapshot.nbytes)
         if not overwrite:
             dropped = [s.step for s in base.steps if s not in base.with_step(info, keep).steps]
             if dropped:
@@ -495,15 +560,17 @@ def _save(
     def task() -> None:
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
-        total = sum(leaf.nbytes for leaf in snapshot.leaves)
-        hashes = snapshot.hash_chunks() if incremental else {}
-        record = step_record_bytes(number, snapshot.record, _tree.NAMING_VERSION)
         previous = (
             run(_reuse.Previous.read(storage, base.latest))
-            if hashes and base is not None  # incremental saves are never collective
+            if incremental and base is not None  # incremental saves are never collective
             else None
         )
-        linked = snapshot.linkable(previous, hashes) if previous is not None else {}
+        current = snapshot.carried_over(previous)
+        hashes = current.hash_chunks() if incremental else {}
+        record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
+        linked = current.linkable(previous, hashes) if previous is not None else {}
+        total = sum(leaf.nbytes for leaf in current.leaves)
+        total += sum(carried.layout.nbytes for carried in current.carried)
         with progress_bar(total, f"save step {number}", show_bar) as progress:
 
             async def recycled(old_record: bytes | None) -> frozenset[str]:
@@ -514,16 +581,34 @@ def _save(
                     return frozenset()
                 shape = _shape(old_record)
                 if shape is not None and shape == _shape(record):  # a loop's usual case
-                    same = snapshot.metadata_keys()
+                    same = current.metadata_keys()
                 else:
-                    await storage.trim(info.dir, snapshot.keys())
-                    same = snapshot.unchanged_metadata(_old_tree(old_record))
+                    await storage.trim(info.dir, current.keys())
+                    same = current.unchanged_metadata(_old_tree(old_record))
                 return await storage.intact(info.dir, same)
 
+            async def link(unchanged: frozenset[str]) -> tuple[frozenset[str], list[LeafData]]:
+                """Link (or copy server-side) the files of ``linked`` not there already:
+                the keys the step then holds, and the leaves to write (with each carried
+                leaf that a link failed for: its files are written, the others skipped)."""
+                pairs = [(s, f"{info.dir}/{d}") for d, s in linked.items() if d not in unchanged]
+                failed = await storage.link_many(pairs) if pairs else set()
+                failed = {key.partition("/")[2] for key in failed}
+                unchanged = unchanged | (linked.keys() - failed)
+                leaves, done = current.leaves, 0
+                for carried in current.carried:
+                    if failed and not failed.isdisjoint(carried.files()):
+                        leaves = [*leaves, carried.leaf()]
+                    else:
+                        done += carried.layout.nbytes
+                progress(done)
+                return unchanged, leaves
+
             async def write(old_record: bytes | None) -> None:
+                unchanged, leaves = await link(await recycled(old_record))
                 await write_step(
-                    storage, info.dir, snapshot.leaves, snapshot.groups, record, progress,
-                    unchanged=await recycled(old_record), linked=linked,
+                    storage, info.dir, leaves, current.groups, record, progress,
+                    unchanged=unchanged,
                 )  # fmt: skip
 
             async def write_part(primary: bool, unchanged: frozenset[str]) -> None:
@@ -542,9 +627,9 @@ def _save(
                     storage, base, token, info, keep, record, recycled, write_part, recycle
                 )
         if hashes:  # what the next save compares with, without reading it back
-            held = _held(snapshot, hashes, previous)
+            held = _held(current, hashes, previous)
             _reuse.committed(storage, replace(info, record_crc32c=checksum(record)), held)
-            for path, source in snapshot.sources.items():
+            for path, source in current.sources.items():
                 if path in held:
                     _reuse.remember(source, held[path][0], held[path][2])
         if collect_error is not None:
