@@ -312,9 +312,9 @@ def test_a_previous_step_gone_meanwhile_means_writing(tmp_path, monkeypatch):
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
     link_many = local_storage.LocalStorage.link_many
 
-    async def vanish_then_link(self, pairs):
+    async def vanish_then_link(self, src_dir, dst_dir, keys):
         (_steps(root)[0] / "W" / "c.0.0").unlink()
-        return await link_many(self, pairs)
+        return await link_many(self, src_dir, dst_dir, keys)
 
     monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
@@ -345,9 +345,9 @@ def test_object_stores_copy_server_side(backend, request, monkeypatch):
             uploaded["bytes"] += sum(memoryview(p).nbytes for p in parts)
             await put(self, key, parts)
 
-        async def counting_links(self, pairs, link_many=link_many):
-            failed = await link_many(self, pairs)
-            copied.extend(dst for _, dst in pairs if dst not in failed)
+        async def counting_links(self, src_dir, dst_dir, keys, link_many=link_many):
+            failed = await link_many(self, src_dir, dst_dir, keys)
+            copied.extend(key for key in keys if key not in failed)
             return failed
 
         monkeypatch.setattr(cls, "put", counting_put)
@@ -416,9 +416,9 @@ def test_a_loops_unchanged_jax_leaves_are_carried_and_written_where_a_link_fails
     )
     link_many = local_storage.LocalStorage.link_many
 
-    async def vanish_then_link(self, pairs):
+    async def vanish_then_link(self, src_dir, dst_dir, keys):
         (_steps(root)[0] / "W" / "c.0").unlink()
-        return await link_many(self, pairs)
+        return await link_many(self, src_dir, dst_dir, keys)
 
     monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
@@ -448,7 +448,7 @@ def test_a_carried_leaf_is_written_after_another_processs_commit(tmp_path, monke
     other = (
         "import sys, numpy as np, zarrckpt\n"
         "zarrckpt.save_pytree(sys.argv[1], {'W': np.full(1000, 7, np.float32),"
-         " 'V': np.zeros(10, np.float32)}, keep=None, verbose=False)\n"
+        " 'V': np.zeros(10, np.float32)}, keep=None, verbose=False)\n"
     )
     subprocess.run([sys.executable, "-c", other, root], check=True, timeout=120)
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)

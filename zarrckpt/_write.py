@@ -54,15 +54,17 @@ class Carried(NamedTuple):
     dims: list[str] | None
     #: the previous step's (layout, dims, hashes) of the leaf
     entry: tuple[ArrayLayout, Any, list[str]]
+    #: its files' keys, relative to the step
+    files: list[str]
 
     def leaf(self) -> LeafData:
         return LeafData(self.path, np.asarray(self.value), self.layout, {}, self.dims)
 
-    def files(self) -> list[str]:
-        """Its files' keys, relative to the step."""
-        path, layout = self.path, self.layout
-        names = layout.chunk_keys() if layout.nbytes else ()
-        return [f"{path}/zarr.json"] + [f"{path}/{name}" for _, name in names]
+
+def _files(path: str, layout: ArrayLayout) -> list[str]:
+    """The keys of the files of leaf ``path``, relative to the step."""
+    names = layout.chunk_keys() if layout.nbytes else ()
+    return [f"{path}/zarr.json"] + [f"{path}/{name}" for _, name in names]
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,10 @@ class Plan:
             hashes[carried.path] = carried.entry[2]
         return hashes
 
-    def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> dict[str, str]:
-        """Keys of this step (relative to its directory) whose bytes ``previous`` holds,
-        each with the key (relative to the root) of its file there."""
-        linked = {}
+    def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> list[str]:
+        """Keys of this step (relative to its directory) whose bytes ``previous`` holds
+        under the same key."""
+        linked = []
         for leaf in self.leaves:
             if leaf.path not in hashes:
                 continue
@@ -148,12 +150,11 @@ class Plan:
                 else:
                     names = names if names is not None else leaf.layout.chunk_keys()
                     key = f"{leaf.path}/{names[i][1]}"
-                linked[key] = f"{previous.dir}/{key}"
+                linked.append(key)
         if self.carried:
             assert previous is self.carried_from  # (carried_over)
             for carried in self.carried:
-                for key in carried.files():
-                    linked[key] = f"{previous.dir}/{key}"
+                linked += carried.files
         return linked
 
     @property
@@ -260,9 +261,9 @@ def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
 
 
 #: jax.Array -> (what it was planned for: path, chunk bytes, codec, dims; its layout; the
-#: fields it added to its leaf record). A save loop's unchanged JAX leaves are the very
-#: objects it planned before, and immutable: the same kind and layout, so each costs a
-#: lookup. (Not the host array: a NumPy view of a jax.Array keeps it alive.)
+#: fields it added to its leaf record; its files). A save loop's unchanged JAX leaves are
+#: the very objects it planned before, and immutable: the same kind and layout, so each
+#: costs a lookup. (Not the host array: a NumPy view of a jax.Array keeps it alive.)
 _planned = _leaves.IdentityMemo()
 
 
@@ -285,7 +286,7 @@ def _plan_leaf(
             entry = previous.holds(path, known[1], names, value) if previous is not None else None
             if entry is not None:
                 rec[_leaves.HASH_FIELD] = entry[2]
-                return Carried(path, value, known[1], names, entry), None
+                return Carried(path, value, known[1], names, entry, known[3]), None
             return LeafData(path, np.asarray(value), known[1], {}, names), value
     source = _leaves.immutable_array(value)
     array, kind = _leaves.encode(path, value, copy=copy)
@@ -302,7 +303,7 @@ def _plan_leaf(
     rec.update(fields)
     if source is value and kind["kind"] == "jax" and isinstance(array, np.ndarray):
         # (a jax.Array itself: not sharded, not a typed PRNG key, stored as its key data)
-        _planned.put(value, (wanted, layout, fields))
+        _planned.put(value, (wanted, layout, fields, _files(path, layout)))
     return LeafData(path, array, layout, {}, fields.get("dims")), source
 
 
@@ -568,7 +569,7 @@ def _save(
         current = snapshot.carried_over(previous)
         hashes = current.hash_chunks() if incremental else {}
         record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
-        linked = current.linkable(previous, hashes) if previous is not None else {}
+        linked = current.linkable(previous, hashes) if previous is not None else []
         total = sum(leaf.nbytes for leaf in current.leaves)
         total += sum(carried.layout.nbytes for carried in current.carried)
         with progress_bar(total, f"save step {number}", show_bar) as progress:
@@ -591,13 +592,15 @@ def _save(
                 """Link (or copy server-side) the files of ``linked`` not there already:
                 the keys the step then holds, and the leaves to write (with each carried
                 leaf that a link failed for: its files are written, the others skipped)."""
-                pairs = [(s, f"{info.dir}/{d}") for d, s in linked.items() if d not in unchanged]
-                failed = await storage.link_many(pairs) if pairs else set()
-                failed = {key.partition("/")[2] for key in failed}
-                unchanged = unchanged | (linked.keys() - failed)
+                todo = [key for key in linked if key not in unchanged]
+                failed: set[str] = set()
+                if todo:
+                    assert previous is not None  # (what ``linked`` names is there)
+                    failed = await storage.link_many(previous.dir, info.dir, todo)
+                unchanged = unchanged | (set(todo) - failed)
                 leaves, done = current.leaves, 0
                 for carried in current.carried:
-                    if failed and not failed.isdisjoint(carried.files()):
+                    if failed and not failed.isdisjoint(carried.files):
                         leaves = [*leaves, carried.leaf()]
                     else:
                         done += carried.layout.nbytes

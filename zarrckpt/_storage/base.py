@@ -35,21 +35,22 @@ __all__ = [
 
 
 async def copy_each(
-    pairs: Sequence[tuple[str, str]], copy: Callable[[str, str], Any], in_flight: int = 32
-) -> set[str]:
-    """Run ``await copy(src, dst)`` for each pair, ``in_flight`` at a time; the ``dst`` keys
-    whose copy failed (for :meth:`Storage.link_many`: the caller writes those)."""
+    src_dir: str, dst_dir: str, keys: Sequence[str], copy: Callable[[str, str], Any],
+    in_flight: int = 32,
+) -> set[str]:  # fmt: skip
+    """Run ``await copy(src_dir/key, dst_dir/key)`` for each key, ``in_flight`` at a time;
+    the keys whose copy failed (for :meth:`Storage.link_many`: the caller writes those)."""
     gate = asyncio.Semaphore(in_flight)
     failed: set[str] = set()
 
-    async def one(src: str, dst: str) -> None:
+    async def one(key: str) -> None:
         async with gate:
             try:
-                await copy(src, dst)
+                await copy(f"{src_dir}/{key}", f"{dst_dir}/{key}")
             except Exception:  # a missing source, a store without copies: written instead
-                failed.add(dst)
+                failed.add(key)
 
-    await asyncio.gather(*(one(src, dst) for src, dst in pairs))
+    await asyncio.gather(*(one(key) for key in keys))
     return failed
 
 
@@ -219,12 +220,12 @@ class Storage:
         for key, consume in items:
             consume(await self.get(key, limit))
 
-    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
-        """Make each ``dst`` of ``(src, dst)`` hold the bytes of ``src`` (a file of a
+    async def link_many(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
+        """Make each ``dst_dir/key`` hold the bytes of ``src_dir/key`` (a file of a
         committed step) without sending them: a hard link locally, a server-side copy on
-        object stores. Returns the ``dst`` keys that could not be done so (the caller
-        writes those); a backend without such an operation returns them all."""
-        return {dst for _, dst in pairs}
+        object stores. Returns the keys that could not be done so (the caller writes
+        those); a backend without such an operation returns them all."""
+        return set(keys)
 
     async def list_dir(self, prefix: str = "") -> list[str]:
         """Names directly under ``prefix``, sorted."""

@@ -405,9 +405,9 @@ class LocalStorage(Storage):
         return (mine.written if mine is not None else None) or {}
 
     def _still(self, step_dir: str, noted: Iterable[tuple[str, _Identity]]) -> set[str]:
-        """The keys of ``noted`` (relative to ``step_dir``) whose file is still the regular
-        file of that identity: one ``lstat`` each (relative to the directory: a save checks
-        thousands)."""
+        """The keys of ``noted`` (relative to ``step_dir``: ones :meth:`_remember` noted, so
+        checked when written) whose file is still the regular file of that identity: one
+        ``lstat`` each (relative to the directory: a save checks thousands)."""
         try:
             fd = os.open(self._path(step_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
@@ -416,7 +416,7 @@ class LocalStorage(Storage):
         try:
             for key, identity in noted:
                 try:
-                    st = os.lstat(check_key(self.url, key), dir_fd=fd)
+                    st = os.lstat(key, dir_fd=fd)
                 except OSError:
                     continue
                 if (st.st_ino, st.st_size, st.st_mtime_ns) == identity and stat.S_ISREG(st.st_mode):
@@ -442,21 +442,21 @@ class LocalStorage(Storage):
     async def put_batch(self, items: Sequence[tuple[str, Callable[[], Sequence[Any]]]]) -> None:
         await self._run_batch("writing", self._put_batch, items)
 
-    def _link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+    def _link_many(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
         failed = set()
-        shared = self._shared(pairs)
-        own: dict[str, bool] = {}  # a step of this process: no link was planted there
+        shared = self._shared(src_dir, dst_dir, keys)
+        own = (self._real(), src_dir) in _own  # a step of this process: no link planted there
         inside: dict[str, bool] = {}  # else each source directory is checked
-        for src, dst in pairs:
-            if dst in shared:
+        for key in keys:
+            if key in shared:
                 continue
-            step, where = src.partition("/")[0], os.path.dirname(src)
-            if step not in own:
-                own[step] = (self._real(), step) in _own
-            if not own[step] and where not in inside:
-                inside[where] = self._inside_real(src)
-            if not ((own[step] or inside[where]) and self._link(src, dst)):
-                failed.add(dst)
+            src = f"{src_dir}/{key}"
+            if not own:
+                where = os.path.dirname(src)
+                if where not in inside:
+                    inside[where] = self._inside_real(src)
+            if not ((own or inside[where]) and self._link(src, f"{dst_dir}/{key}")):
+                failed.add(key)
         return failed
 
     def _inside_real(self, key: str) -> bool:
@@ -464,9 +464,9 @@ class LocalStorage(Storage):
         real = os.path.realpath(os.path.dirname(self._path(key)))
         return os.path.join(real, "").startswith(self._real())
 
-    def _shared(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
-        """The ``dst`` of ``pairs`` that already are the file this process wrote or linked
-        as their ``src``.
+    def _shared(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
+        """The ``keys`` whose file in ``dst_dir`` already is the one this process wrote or
+        linked as the file in ``src_dir``.
 
         The save loop's usual case: an unchanged file of a recycled spare was linked from
         the step before it, which the latest step links too. One ``lstat`` (instead of a
@@ -474,24 +474,13 @@ class LocalStorage(Storage):
         (inode, size and modification time as noted); its bytes are then the ones the save
         wants, whatever happened to ``src`` since.
         """
-        noted: dict[str, dict[str, _Identity]] = {}  # step directory -> its identities
-        candidates: dict[str, list[tuple[str, _Identity]]] = {}
-        for src, dst in pairs:
-            (src_step, _, src_rest), (dst_step, _, dst_rest) = (
-                src.partition("/"),
-                dst.partition("/"),
-            )
-            for step in (src_step, dst_step):
-                if step not in noted:
-                    noted[step] = self._noted(step)
-            identity = noted[src_step].get(src_rest)
-            if identity is not None and noted[dst_step].get(dst_rest) == identity:
-                candidates.setdefault(dst_step, []).append((dst_rest, identity))
-        return {
-            f"{step}/{key}"
-            for step, group in candidates.items()
-            for key in self._still(step, group)
-        }
+        sources, targets = self._noted(src_dir), self._noted(dst_dir)
+        candidates = [
+            (key, identity)
+            for key in keys
+            if (identity := sources.get(key)) is not None and targets.get(key) == identity
+        ]
+        return self._still(dst_dir, candidates)
 
     def _link(self, src: str, dst: str) -> bool:
         """Hard-link the regular file ``src`` as ``dst`` (replacing what is there)."""
@@ -523,10 +512,10 @@ class LocalStorage(Storage):
                 return False
         return False
 
-    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
-        if not pairs:
+    async def link_many(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
+        if not keys:
             return set()
-        return await self._run_batch("linking", self._link_many, pairs)
+        return await self._run_batch("linking", self._link_many, src_dir, dst_dir, keys)
 
     def _put_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)

@@ -248,7 +248,7 @@ class StoreStorage(LeaseObjects, Storage):
         # A single PUT of one object is atomic on object stores and in memory.
         await self.put(key, [data])
 
-    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+    async def link_many(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
         """Server-side copies through fsspec (s3fs: CopyObject, gcsfs: rewrite); in memory,
         the same bytes under a new key."""
         if self._in_process:
@@ -267,8 +267,8 @@ class StoreStorage(LeaseObjects, Storage):
                 await fs._cp_file(f"{root}/{src}", f"{root}/{dst}")
 
         else:
-            return {dst for _, dst in pairs}
-        return await copy_each(pairs, copy)
+            return set(keys)
+        return await copy_each(src_dir, dst_dir, keys, copy)
 
     async def delete(self, key: str) -> None:
         async with self.errors("deleting", check_key(self.url, key)):

@@ -564,13 +564,13 @@ class ObjectStoreStorage(LeaseObjects, Storage):
     async def put_atomic(self, key: str, data: bytes) -> None:
         await self.put(key, [data])  # one PUT of one object is atomic
 
-    async def link_many(self, pairs: Sequence[tuple[str, str]]) -> set[str]:
+    async def link_many(self, src_dir: str, dst_dir: str, keys: Sequence[str]) -> set[str]:
         """Server-side copies (S3 CopyObject, GCS rewrite, Azure copy blob)."""
 
         async def copy(src: str, dst: str) -> None:
             await obstore.copy_async(self.store, check_key(self.url, src), check_key(self.url, dst))
 
-        return await copy_each(pairs, copy)
+        return await copy_each(src_dir, dst_dir, keys, copy)
 
     async def delete(self, key: str) -> None:
         async with self.errors("deleting", check_key(self.url, key)):
