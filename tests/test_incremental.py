@@ -462,3 +462,27 @@ def test_a_carried_leaf_is_written_after_another_processs_commit(tmp_path, monke
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
     assert carried[-1] == {"W", "V"}
     assert np.array_equal(zarrckpt.load_pytree(root)["W"], np.arange(1000, dtype=np.float32))
+
+
+def test_an_identity_memo_forgets_each_object_with_it_and_only_it():
+    """An entry goes when its object dies; a stale callback (of a reference the entry no
+    longer holds, as after an ``id`` was reused) removes nothing."""
+    import gc
+
+    from zarrckpt._leaves import IdentityMemo
+
+    class Thing:
+        pass
+
+    memo, a, b = IdentityMemo(), Thing(), Thing()
+    memo.put(a, 1)
+    memo.put(b, 2)
+    stale = memo.items[id(a)][0]
+    memo.put(a, 3)  # the entry now holds another reference
+    memo._forget(stale)
+    assert memo.get(a) == 3 and memo.get(b) == 2
+    memo.put(7, "no weak references: not kept")
+    assert memo.get(7) is None
+    del a
+    gc.collect()
+    assert list(memo.items) == [id(b)]

@@ -24,7 +24,6 @@ taken from the target instead of calling :func:`encode`; elsewhere :func:`encode
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 import weakref
@@ -237,6 +236,13 @@ def immutable_array(value: Any) -> Any | None:
     return None
 
 
+class _KeyedRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference that knows its memo key (the object's ``id``)."""
+
+    __slots__ = ("key",)
+    key: int
+
+
 class IdentityMemo:
     """What is known of live objects, by identity, while they live: for immutable leaves
     (``jax.Array``), the same object means the same kind, dtype and bytes. A weak reference
@@ -244,6 +250,14 @@ class IdentityMemo:
 
     def __init__(self) -> None:
         self.items: dict[int, tuple[weakref.ref[Any], Any]] = {}
+        items = self.items
+
+        def forget(ref: _KeyedRef) -> None:  # (one callback for all: no closure per entry)
+            found = items.get(ref.key)
+            if found is not None and found[0] is ref:
+                del items[ref.key]
+
+        self._forget = forget
 
     def get(self, obj: Any) -> Any | None:
         found = self.items.get(id(obj))
@@ -251,13 +265,12 @@ class IdentityMemo:
 
     def put(self, obj: Any, value: Any) -> None:
         """Keep ``value`` for ``obj`` until ``obj`` dies (nothing, if it has no weak refs)."""
-        key, items = id(obj), self.items
-
-        def forget(_: weakref.ref[Any]) -> None:
-            items.pop(key, None)
-
-        with contextlib.suppress(TypeError):
-            items[key] = (weakref.ref(obj, forget), value)
+        try:
+            ref = _KeyedRef(obj, self._forget)
+        except TypeError:
+            return
+        ref.key = id(obj)
+        self.items[ref.key] = (ref, value)
 
 
 def encode(path: str, value: Any, *, copy: bool = False) -> tuple[Any, dict[str, Any]]:

@@ -146,18 +146,6 @@ class Previous:
         same = [i for i, (a, b) in enumerate(zip(found[2], hashes, strict=True)) if a == b]
         return ([-1] if found[1] == dims else []) + same
 
-    def holds(
-        self, path: str, layout: ArrayLayout, dims: Any, value: Any
-    ) -> tuple[ArrayLayout, Any, list[str]] | None:
-        """The entry of leaf ``path`` if this step holds all of it as the immutable ``value``
-        would be saved (same layout and names, the chunk hashes this process knows of it),
-        else None."""
-        found = self.leaves.get(path)
-        if found is None or found[0] != layout or found[1] != dims:
-            return None
-        hashes = known_hashes(value, layout)
-        return found if hashes is not None and found[2] == hashes else None
-
 
 #: url -> (step directory, record crc32c, what it holds): the step this process committed
 #: last into each root, so that a save loop never reads back its own step record.

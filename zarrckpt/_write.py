@@ -260,10 +260,24 @@ def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
             future.cancel()
 
 
-#: jax.Array -> (what it was planned for: path, chunk bytes, codec, dims; its layout; the
-#: fields it added to its leaf record; its files). A save loop's unchanged JAX leaves are
-#: the very objects it planned before, and immutable: the same kind and layout, so each
-#: costs a lookup. (Not the host array: a NumPy view of a jax.Array keeps it alive.)
+class _Planned:
+    """What a ``jax.Array`` was planned as. A save loop's unchanged JAX leaves are the very
+    objects it planned before, and immutable: the same kind and layout, so each costs a
+    lookup. (Not the host array: a NumPy view of a jax.Array keeps it alive.)"""
+
+    __slots__ = ("entry", "fields", "files", "layout", "wanted")
+
+    def __init__(self, wanted: tuple[Any, ...], layout: ArrayLayout, fields: dict[str, Any]):
+        #: what it was planned for (path, chunk bytes, codec, dims), and as what: its
+        #: layout and the fields it added to its leaf record
+        self.wanted, self.layout, self.fields = wanted, layout, fields
+        #: its files' keys (once carried)
+        self.files: list[str] | None = None
+        #: its (layout, dims, hashes) in the step this process committed it into last
+        self.entry: tuple[ArrayLayout, Any, list[str]] | None = None
+
+
+#: jax.Array -> :class:`_Planned`
 _planned = _leaves.IdentityMemo()
 
 
@@ -280,14 +294,17 @@ def _plan_leaf(
         names = [given] if isinstance(given, str) else list(given)
     wanted = (path, chunk_bytes, codec, names)
     if type(value) is not np.ndarray:
-        known = _planned.get(value)
-        if known is not None and known[0] == wanted:
-            rec.update(known[2])
-            entry = previous.holds(path, known[1], names, value) if previous is not None else None
-            if entry is not None:
+        known: _Planned | None = _planned.get(value)
+        if known is not None and known.wanted == wanted:
+            rec.update(known.fields)
+            entry = known.entry
+            if entry is not None and previous is not None and previous.leaves.get(path) is entry:
+                # (the very entry this array was committed with: same layout, names, hashes)
                 rec[_leaves.HASH_FIELD] = entry[2]
-                return Carried(path, value, known[1], names, entry, known[3]), None
-            return LeafData(path, np.asarray(value), known[1], {}, names), value
+                if known.files is None:
+                    known.files = _files(path, known.layout)
+                return Carried(path, value, known.layout, names, entry, known.files), None
+            return LeafData(path, np.asarray(value), known.layout, {}, names), value
     source = _leaves.immutable_array(value)
     array, kind = _leaves.encode(path, value, copy=copy)
     if isinstance(array, Shards) and not collective:
@@ -303,7 +320,7 @@ def _plan_leaf(
     rec.update(fields)
     if source is value and kind["kind"] == "jax" and isinstance(array, np.ndarray):
         # (a jax.Array itself: not sharded, not a typed PRNG key, stored as its key data)
-        _planned.put(value, (wanted, layout, fields, _files(path, layout)))
+        _planned.put(value, _Planned(wanted, layout, fields))
     return LeafData(path, array, layout, {}, fields.get("dims")), source
 
 
@@ -635,6 +652,9 @@ def _save(
             for path, source in current.sources.items():
                 if path in held:
                     _reuse.remember(source, held[path][0], held[path][2])
+                    known = _planned.get(source)
+                    if known is not None and known.wanted[0] == path:
+                        known.entry = held[path]
         if collect_error is not None:
             warnings.warn(
                 f"{storage.url}: step {number} is committed, but deleting old steps failed "
