@@ -3,8 +3,10 @@ and every step stays a complete Zarr group that plain readers open alone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -486,3 +488,58 @@ def test_an_identity_memo_forgets_each_object_with_it_and_only_it():
     del a
     gc.collect()
     assert list(memo.items) == [id(b)]
+
+
+def test_a_plan_learns_its_step_entry_from_its_own_save_only(tmp_path, monkeypatch):
+    """While a save commits, another plans the same array with other options (another
+    chunk size): the commit tells its own plan, never the newer one, so a later save with
+    the other options does not carry the array with the first save's files."""
+    from zarrckpt import _write
+
+    jnp = pytest.importorskip("jax.numpy")
+    root = str(tmp_path / "run")
+    state = {"a": jnp.arange(32, dtype=jnp.float32), "b": jnp.zeros(3)}
+    committed = _reuse.committed
+
+    def meanwhile(*args, **kwargs):
+        _write.plan(state, copy=False, chunk_bytes=64, codec=None)  # replaces the memo entry
+        return committed(*args, **kwargs)
+
+    monkeypatch.setattr(_reuse, "committed", meanwhile)
+    zarrckpt.save_pytree(root, state, verbose=False)
+    monkeypatch.undo()
+    carried = _carried(monkeypatch)
+    zarrckpt.save_pytree(root, state, chunk_bytes=64, verbose=False)
+    assert carried == [set()]  # planned anew for 64-byte chunks: compared, not carried
+    assert np.array_equal(zarrckpt.load_pytree(root)["a"], np.arange(32, dtype=np.float32))
+    assert cli.main(["verify", root]) == 0
+    zarrckpt.save_pytree(root, state, chunk_bytes=64, verbose=False)
+    assert carried[-1] == {"a", "b"}
+    assert cli.main(["verify", root]) == 0
+
+
+def test_a_background_save_of_carried_leaves_needs_no_array_after_the_call(tmp_path, monkeypatch):
+    """A background save takes carried leaves' host arrays at the call: when a link fails
+    later it writes them, even if the caller deleted (or donated) the arrays meanwhile."""
+    jnp = pytest.importorskip("jax.numpy")
+    root = str(tmp_path / "run")
+    state = {"W": jnp.arange(1000, dtype=jnp.float32) * 2, "V": jnp.zeros(4)}
+    zarrckpt.save_pytree(root, state, verbose=False)
+
+    deleted = threading.Event()
+
+    async def no_links(self, src_dir, dst_dir, keys):
+        while not deleted.is_set():  # (after the caller deleted the array)
+            await asyncio.sleep(0.01)
+        return set(keys)
+
+    monkeypatch.setattr(local_storage.LocalStorage, "link_many", no_links)
+    carried = _carried(monkeypatch)
+    with zarrckpt.AsyncManager() as manager:
+        zarrckpt.save_pytree(root, state, async_manager=manager, verbose=False)
+        state["W"].delete()
+        deleted.set()
+    assert carried == [{"W", "V"}]
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], np.arange(1000, dtype=np.float32) * 2)
+    assert cli.main(["verify", root]) == 0

@@ -254,8 +254,8 @@ class IdentityMemo:
 
         def forget(ref: _KeyedRef) -> None:  # (one callback for all: no closure per entry)
             found = items.get(ref.key)
-            if found is not None and found[0] is ref:
-                del items[ref.key]
+            if found is not None and found[0] is ref:  # (not a later object's entry)
+                items.pop(ref.key, None)
 
         self._forget = forget
 

@@ -153,8 +153,9 @@ _records: dict[str, tuple[str, int | None, Previous]] = {}
 
 
 def last_committed(storage: Storage) -> Previous | None:
-    """The step this process committed last into ``storage``'s root, as :meth:`Previous.read`
-    returns it while it is still the latest."""
+    """The step this process committed last into ``storage``'s root (what
+    :meth:`Previous.read` returns for it while the manifest lists it as the latest; whether
+    it still is, only the manifest says)."""
     found = _records.get(storage.url)
     return found[2] if found is not None else None
 

@@ -28,7 +28,7 @@ import xxhash
 from . import _collective, _leaves, _reuse, _tree
 from ._commit import commit_step, read_manifest_versioned
 from ._engine import LeafData, write_step
-from ._format import ArrayLayout
+from ._format import KEPT_CHUNK_KEYS, ArrayLayout
 from ._manifest import Manifest, StepInfo, checksum, new_step_dir, step_record_bytes
 from ._progress import human, progress_bar
 from ._sharding import Shards
@@ -56,9 +56,15 @@ class Carried(NamedTuple):
     entry: tuple[ArrayLayout, Any, list[str]]
     #: its files' keys, relative to the step
     files: list[str]
+    #: its plan (which the commit tells the step entry it is saved with)
+    planned: _Planned
+    #: its host array, taken when the caller does not wait for the save (a background
+    #: save must not need the array after the call: it may be deleted or donated)
+    host: np.ndarray | None = None
 
     def leaf(self) -> LeafData:
-        return LeafData(self.path, np.asarray(self.value), self.layout, {}, self.dims)
+        array = self.host if self.host is not None else np.asarray(self.value)
+        return LeafData(self.path, array, self.layout, {}, self.dims)
 
 
 def _files(path: str, layout: ArrayLayout) -> list[str]:
@@ -85,6 +91,9 @@ class Plan:
     #: the leaves the previous step holds whole (:class:`Carried`), and that step
     carried: list[Carried] = field(default_factory=list)
     carried_from: _reuse.Previous | None = None
+    #: leaf path -> the plan of the jax.Array it came from (:class:`_Planned`), for the
+    #: leaves to write
+    planned: dict[str, _Planned] = field(default_factory=dict)
 
     def carried_over(self, previous: _reuse.Previous | None) -> Plan:
         """This plan for a save whose latest committed step is ``previous``: the carried
@@ -93,8 +102,11 @@ class Plan:
         if not self.carried or previous is self.carried_from:
             return self
         sources = {**self.sources, **{c.path: c.value for c in self.carried}}
+        planned = {**self.planned, **{c.path: c.planned for c in self.carried}}
         leaves = self.leaves + [c.leaf() for c in self.carried]
-        return replace(self, leaves=leaves, sources=sources, carried=[], carried_from=None)
+        return replace(
+            self, leaves=leaves, sources=sources, planned=planned, carried=[], carried_from=None
+        )
 
     @property
     def count(self) -> int:
@@ -232,16 +244,19 @@ def plan(
     leaves: list[LeafData] = []
     carried: list[Carried] = []
     sources: dict[str, Any] = {}
+    planned: dict[str, _Planned] = {}
     hashing: dict[str, list[Future[list[str | None]]]] = {}
     try:
         for path, value in flat:
-            leaf, source = _plan_leaf(
+            leaf, source, known = _plan_leaf(
                 path, value, by_path[path], copy, chunk_bytes, codec, dims, collective, previous
             )
             if isinstance(leaf, Carried):
                 carried.append(leaf)
                 continue
             leaves.append(leaf)
+            if known is not None:
+                planned[path] = known
             if source is not None:
                 sources[path] = source
             if hash_ahead and _worth_hashing_ahead(leaf, source):
@@ -250,8 +265,9 @@ def plan(
         _cancel(hashing)
         raise
     return Plan(
-        record, leaves, groups, by_path, sources, hashing, carried, previous if carried else None
-    )
+        record, leaves, groups, by_path, sources, hashing, carried,
+        previous if carried else None, planned,
+    )  # fmt: skip
 
 
 def _cancel(hashing: dict[str, list[Future[list[str | None]]]]) -> None:
@@ -271,9 +287,10 @@ class _Planned:
         #: what it was planned for (path, chunk bytes, codec, dims), and as what: its
         #: layout and the fields it added to its leaf record
         self.wanted, self.layout, self.fields = wanted, layout, fields
-        #: its files' keys (once carried)
+        #: its files' keys (kept once carried, for a leaf of a few chunks)
         self.files: list[str] | None = None
-        #: its (layout, dims, hashes) in the step this process committed it into last
+        #: its (layout, dims, hashes) in the step this process last committed it into with
+        #: this plan (set by that save: :class:`Plan.planned`)
         self.entry: tuple[ArrayLayout, Any, list[str]] | None = None
 
 
@@ -285,9 +302,10 @@ def _plan_leaf(
     path: str, value: Any, rec: dict[str, Any], copy: bool, chunk_bytes: int | None,
     codec: str | None, dims: dict[str, Sequence[str]] | None, collective: bool,
     previous: _reuse.Previous | None,
-) -> tuple[LeafData | Carried, Any]:  # fmt: skip
-    """One leaf of :func:`plan` (its record ``rec`` completed), and the ``jax.Array`` it
-    came from (None: none, or a mutable NumPy array); carried if ``previous`` holds it."""
+) -> tuple[LeafData | Carried, Any, _Planned | None]:  # fmt: skip
+    """One leaf of :func:`plan` (its record ``rec`` completed), the ``jax.Array`` it came
+    from (None: none, or a mutable NumPy array) and that array's plan; carried if
+    ``previous`` holds it."""
     names: list[str] | None = None
     if dims and path in dims:  # (a copy: the caller's list may change before the next save)
         given = dims[path]
@@ -301,10 +319,13 @@ def _plan_leaf(
             if entry is not None and previous is not None and previous.leaves.get(path) is entry:
                 # (the very entry this array was committed with: same layout, names, hashes)
                 rec[_leaves.HASH_FIELD] = entry[2]
-                if known.files is None:
-                    known.files = _files(path, known.layout)
-                return Carried(path, value, known.layout, names, entry, known.files), None
-            return LeafData(path, np.asarray(value), known.layout, {}, names), value
+                files = known.files or _files(path, known.layout)
+                if known.layout.n_chunks <= KEPT_CHUNK_KEYS:
+                    known.files = files
+                host = np.asarray(value) if copy else None
+                carried = Carried(path, value, known.layout, names, entry, files, known, host)
+                return carried, None, known
+            return LeafData(path, np.asarray(value), known.layout, {}, names), value, known
     source = _leaves.immutable_array(value)
     array, kind = _leaves.encode(path, value, copy=copy)
     if isinstance(array, Shards) and not collective:
@@ -318,10 +339,12 @@ def _plan_leaf(
     if names is not None:
         fields["dims"] = _dimension_names(path, names, len(layout.shape))
     rec.update(fields)
+    known = None
     if source is value and kind["kind"] == "jax" and isinstance(array, np.ndarray):
         # (a jax.Array itself: not sharded, not a typed PRNG key, stored as its key data)
-        _planned.put(value, _Planned(wanted, layout, fields))
-    return LeafData(path, array, layout, {}, fields.get("dims")), source
+        known = _Planned(wanted, layout, fields)
+        _planned.put(value, known)
+    return LeafData(path, array, layout, {}, fields.get("dims")), source, known
 
 
 def _worth_hashing_ahead(leaf: LeafData, source: Any) -> bool:
@@ -652,9 +675,9 @@ def _save(
             for path, source in current.sources.items():
                 if path in held:
                     _reuse.remember(source, held[path][0], held[path][2])
-                    known = _planned.get(source)
-                    if known is not None and known.wanted[0] == path:
-                        known.entry = held[path]
+            for path, known in current.planned.items():  # (the very plans of this save)
+                if path in held and held[path][0] == known.layout:
+                    known.entry = held[path]
         if collect_error is not None:
             warnings.warn(
                 f"{storage.url}: step {number} is committed, but deleting old steps failed "
