@@ -312,15 +312,21 @@ def test_a_previous_step_gone_meanwhile_means_writing(tmp_path, monkeypatch):
     root = str(tmp_path / "run")
     state = _state()
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    _vanish_before_linking(monkeypatch, root, "W/c.0.0")
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+    assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
+
+
+def _vanish_before_linking(monkeypatch, root: str, key: str) -> None:
+    """Make the next save find ``key`` of step 0 gone when it links (as after another
+    writer's commit dropped it)."""
     link_many = local_storage.LocalStorage.link_many
 
     async def vanish_then_link(self, src_dir, dst_dir, keys):
-        (_steps(root)[0] / "W" / "c.0.0").unlink()
+        (_steps(root)[0] / key).unlink()
         return await link_many(self, src_dir, dst_dir, keys)
 
     monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
-    zarrckpt.save_pytree(root, state, keep=None, verbose=False)
-    assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
 
 
 @pytest.mark.parametrize("backend", ["memory", "s3", "s3-obstore", "gcs", "gcs-obstore"])
@@ -416,13 +422,7 @@ def test_a_loops_unchanged_jax_leaves_are_carried_and_written_where_a_link_fails
     monkeypatch.setattr(
         _reuse, "chunk_hashes", lambda layout, a: hashed.append(a.shape) or chunk_hashes(layout, a)
     )
-    link_many = local_storage.LocalStorage.link_many
-
-    async def vanish_then_link(self, src_dir, dst_dir, keys):
-        (_steps(root)[0] / "W" / "c.0").unlink()
-        return await link_many(self, src_dir, dst_dir, keys)
-
-    monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
+    _vanish_before_linking(monkeypatch, root, "W/c.0")
     zarrckpt.save_pytree(root, state, keep=None, verbose=False)
     assert carried == [set(), {"W"}] and hashed == [(10,), ()]
     second = _steps(root)[1]
