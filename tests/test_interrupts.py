@@ -117,6 +117,15 @@ def test_fork_while_a_background_save_is_in_flight(warm, tmp_path, monkeypatch):
 
 # --- Ctrl-C --------------------------------------------------------------------------------
 
+
+def ctrl_c_child(script: str) -> list[str]:
+    """The command that runs ``script`` in a Python that Ctrl-C interrupts, as at a terminal:
+    a test run started in the background by a non-interactive shell (``pytest &``, ``nohup``)
+    has SIGINT ignored, which its children inherit and Python then keeps."""
+    reset = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    return [sys.executable, "-c", reset + script]
+
+
 GIB = 1024 * MIB
 SAVER = textwrap.dedent(
     """
@@ -161,7 +170,7 @@ def _chunks_written(root: Path) -> int:
 def test_ctrl_c_during_a_large_save(mode, tmp_path):
     root = tmp_path / "ckpt"
     child = subprocess.Popen(
-        [sys.executable, "-c", SAVER, str(root), str(GIB), mode],
+        [*ctrl_c_child(SAVER), str(root), str(GIB), mode],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )  # fmt: skip
     try:
@@ -287,7 +296,7 @@ def test_ctrl_c_during_the_publish_never_commits_afterwards(tmp_path):
     before the caller sees KeyboardInterrupt or not at all, never after (it once did)."""
     root = tmp_path / "ckpt"
     child = subprocess.Popen(
-        [sys.executable, "-c", PUBLISH_INTERRUPTED, str(root)],
+        [*ctrl_c_child(PUBLISH_INTERRUPTED), str(root)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )  # fmt: skip
     try:
@@ -339,7 +348,7 @@ def test_ctrl_c_delivered_to_a_worker_thread_still_interrupts(tmp_path):
     it promptly (it used to wait for the whole save, which then committed)."""
     root = tmp_path / "ckpt"
     out = subprocess.run(
-        [sys.executable, "-c", SIGNAL_TO_A_WORKER, str(root)],
+        [*ctrl_c_child(SIGNAL_TO_A_WORKER), str(root)],
         capture_output=True, text=True, env=child_env(), timeout=120,
     ).stdout  # fmt: skip
     assert "sent" in out and "saved" not in out, out
