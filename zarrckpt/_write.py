@@ -181,11 +181,7 @@ class Plan:
         """Every file of the step, relative to its directory."""
         keys = {f"{g}/zarr.json" if g else "zarr.json" for g in self.groups}
         for leaf in self._all():
-            keys.add(f"{leaf.path}/zarr.json")
-            if leaf.layout.nbytes:
-                keys.update(
-                    f"{leaf.path}/{leaf.layout.chunk_key(i)}" for i in leaf.layout.chunk_ids()
-                )
+            keys.update(_files(leaf.path, leaf.layout))
         return keys
 
     def metadata_keys(self) -> frozenset[str]:
