@@ -317,13 +317,13 @@ def test_a_previous_step_gone_meanwhile_means_writing(tmp_path, monkeypatch):
     assert np.array_equal(zarrckpt.load_pytree(root, step=1)["W"], state["W"])
 
 
-def _vanish_before_linking(monkeypatch, root: str, key: str) -> None:
-    """Make the next save find ``key`` of step 0 gone when it links (as after another
+def _vanish_before_linking(monkeypatch, root: str, key: str, step: int = 0) -> None:
+    """Make the next save find ``key`` of ``step`` gone when it links (as after another
     writer's commit dropped it)."""
     link_many = local_storage.LocalStorage.link_many
 
     async def vanish_then_link(self, src_dir, dst_dir, keys):
-        (_steps(root)[0] / key).unlink()
+        (_steps(root)[step] / key).unlink()
         return await link_many(self, src_dir, dst_dir, keys)
 
     monkeypatch.setattr(local_storage.LocalStorage, "link_many", vanish_then_link)
@@ -433,6 +433,51 @@ def test_a_loops_unchanged_jax_leaves_are_carried_and_written_where_a_link_fails
     assert np.array_equal(out["V"], np.asarray(state["V"]))
     assert cli.main(["verify", root, "--all"]) == 1  # step 0 lost a file; step 1 is whole
     assert cli.main(["verify", root]) == 0
+
+
+def test_progress_counts_each_byte_once_however_it_reaches_the_step(tmp_path, monkeypatch):
+    """A save's bar reaches its total exactly: written, linked (NumPy leaves whose chunks
+    did not change), carried (jax.Arrays) and carried-but-written (a link that failed) bytes
+    are each counted once, though links and writes run at the same time."""
+    jnp = pytest.importorskip("jax.numpy")
+    from contextlib import contextmanager
+
+    from zarrckpt import _write
+
+    bars: list[tuple[int, list[int]]] = []
+
+    @contextmanager
+    def recording_bar(total, desc, enabled):
+        bars.append((total, []))
+        yield bars[-1][1].append
+
+    monkeypatch.setattr(_write, "progress_bar", recording_bar)
+    root = str(tmp_path / "run")
+    state = {**_state(), "J": jnp.arange(60_000, dtype=jnp.float32), "K": jnp.ones(500)}
+    carried = _carried(monkeypatch)
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False, chunk_bytes=64 * 1024)
+    state["V"] = state["V"] + 1  # written; W and small linked; J and K carried
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False, chunk_bytes=64 * 1024)
+    state["small"]["s3"] = state["small"]["s3"] + 1
+    _vanish_before_linking(monkeypatch, root, "J/c.1", step=1)  # J: carried, written after
+    zarrckpt.save_pytree(root, state, keep=None, verbose=False, chunk_bytes=64 * 1024)
+    assert carried == [set(), {"J", "K"}, {"J", "K"}]
+    third = _steps(root)[2]
+    assert os.stat(third / "J/c.1").st_nlink == 1  # written
+    assert os.stat(third / "J/c.0").st_nlink == 3  # linked (steps 0, 1, 2)
+    assert os.stat(third / "W/c.0.0").st_nlink == 3
+    nbytes = sum(np.asarray(leaf).nbytes for leaf in jax_leaves(state))
+    assert [total for total, _ in bars] == [nbytes] * 3
+    assert [sum(updates) for _, updates in bars] == [nbytes] * 3
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["J"], np.asarray(state["J"]))
+    assert np.array_equal(out["small"]["s3"], state["small"]["s3"])
+
+
+def jax_leaves(tree: dict) -> list:
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
 
 
 def test_a_carried_leaf_is_written_after_another_processs_commit(tmp_path, monkeypatch):

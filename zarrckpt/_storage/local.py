@@ -507,6 +507,10 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 if not os.path.exists(source):
                     return False
+                top = self._path(step)
+                if not os.path.isdir(top) or os.path.islink(top):
+                    return False  # the step directory was claimed (or the save failed): the
+                    # write that follows says so (never re-create it: _open_for_writing)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
             except OSError:  # EXDEV, EMLINK, a file system without hard links: write it
                 return False
