@@ -435,6 +435,34 @@ def test_a_loops_unchanged_jax_leaves_are_carried_and_written_where_a_link_fails
     assert cli.main(["verify", root]) == 0
 
 
+def test_a_step_directory_claimed_while_linking_is_never_re_created(tmp_path, monkeypatch):
+    """A collector may claim (rename away) a step directory whose writer seems dead; a save
+    that then links into it must fail, not re-create the directory under its old name and
+    fill it (a half-made step, debris for the next collection)."""
+    root = tmp_path / "run"
+    state = _state()
+    zarrckpt.save_pytree(str(root), state, verbose=False)
+    state["V"] = state["V"] + 1
+    claimed = []
+    link_many = local_storage.LocalStorage.link_many
+
+    async def claimed_then_link(self, src_dir, dst_dir, keys):
+        os.rename(root / dst_dir, tmp_path / "claimed")
+        failed = await link_many(self, src_dir, dst_dir, keys)
+        claimed.append((dst_dir, (root / dst_dir).exists(), len(failed) == len(keys)))
+        return failed
+
+    monkeypatch.setattr(local_storage.LocalStorage, "link_many", claimed_then_link)
+    with pytest.raises(zarrckpt.ZarrCkptError, match="vanished"):
+        zarrckpt.save_pytree(str(root), state, verbose=False)
+    [(step_dir, re_created, all_failed)] = claimed
+    assert not re_created and all_failed  # (the writes that follow find it gone: the error)
+    assert not (root / step_dir).exists()
+    monkeypatch.undo()
+    assert zarrckpt.latest_step(str(root)) == 0
+    assert np.array_equal(zarrckpt.load_pytree(str(root))["V"], _state()["V"])
+
+
 def test_progress_counts_each_byte_once_however_it_reaches_the_step(tmp_path, monkeypatch):
     """A save's bar reaches its total exactly: written, linked (NumPy leaves whose chunks
     did not change), carried (jax.Arrays) and carried-but-written (a link that failed) bytes

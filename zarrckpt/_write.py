@@ -9,7 +9,6 @@ Writing and publishing follow the protocol of ``_commit``, in the foreground or 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import json
@@ -186,18 +185,15 @@ class Plan:
         return keys
 
     def metadata_keys(self) -> frozenset[str]:
-        """The groups' and the written leaves' metadata keys (a carried leaf's ``zarr.json``
-        is linked with its chunks)."""
         return frozenset(
             [f"{g}/zarr.json" for g in self.groups if g]
-            + [f"{leaf.path}/zarr.json" for leaf in self.leaves]
+            + [f"{leaf.path}/zarr.json" for leaf in self._all()]
         )
 
     def unchanged_metadata(self, old: dict[str, Any]) -> frozenset[str]:
-        """Metadata keys (of :meth:`metadata_keys`) whose bytes a recycled step (tree record
-        ``old``: this process's own earlier step, so written by this very code) already
-        holds: same group, or same leaf layout and dimension names. Anything unreadable
-        counts as changed."""
+        """Metadata keys whose bytes a recycled step (tree record ``old``: this process's own
+        earlier step, so written by this very code) already holds: same group, or same leaf
+        layout and dimension names. Anything unreadable counts as changed."""
         try:
             layouts = {
                 r["path"]: (ArrayLayout.from_json(r), r.get("dims"))
@@ -209,7 +205,7 @@ class Plan:
         same = {f"{g}/zarr.json" for g in self.groups if g and g in groups}
         same |= {
             f"{leaf.path}/zarr.json"
-            for leaf in self.leaves
+            for leaf in self._all()
             if layouts.get(leaf.path) == (leaf.layout, leaf.dims)
         }
         return frozenset(same)
@@ -628,44 +624,31 @@ def _save(
                     same = current.unchanged_metadata(_old_tree(old_record))
                 return await storage.intact(info.dir, same)
 
-            async def link(todo: list[str]) -> set[str]:
-                """Link (or copy server-side) the files ``todo`` from the previous step: the
-                keys that failed (written after)."""
+            async def link(unchanged: frozenset[str]) -> tuple[frozenset[str], list[LeafData]]:
+                """Link (or copy server-side) the files of ``linked`` not there already:
+                the keys the step then holds, and the leaves to write (with each carried
+                leaf that a link failed for: its files are written, the others skipped)."""
+                todo = [key for key in linked if key not in unchanged]
                 failed: set[str] = set()
                 if todo:
                     assert previous is not None  # (what ``linked`` names is there)
                     failed = await storage.link_many(previous.dir, info.dir, todo)
-                progress(sum(carried.layout.nbytes for carried in current.carried))
-                return failed
+                unchanged = unchanged | (set(todo) - failed)
+                leaves, done = current.leaves, 0
+                for carried in current.carried:
+                    if failed and not failed.isdisjoint(carried.files):
+                        leaves = [*leaves, carried.leaf()]
+                    else:
+                        done += carried.layout.nbytes
+                progress(done)
+                return unchanged, leaves
 
             async def write(old_record: bytes | None) -> None:
-                unchanged = await recycled(old_record)
-                todo = [key for key in linked if key not in unchanged]
-                there = unchanged.union(todo)  # once linked
-                # The links (a recycled spare's files: one lstat each) take one thread while
-                # the changed leaves are written on the others; what failed to link is
-                # written after (a carried leaf from its array), the record last.
-                linking = asyncio.ensure_future(link(todo))
-                try:
-                    await write_step(
-                        storage, info.dir, current.leaves, current.groups, None, progress,
-                        unchanged=there,
-                    )  # fmt: skip
-                except BaseException:
-                    linking.cancel()  # (a local link after the step is discarded makes nothing)
-                    await asyncio.gather(linking, return_exceptions=True)
-                    raise
-                failed = await linking
-                if failed:
-                    again = [
-                        leaf.leaf() if isinstance(leaf, Carried) else leaf
-                        for leaf in current._all()
-                        if not failed.isdisjoint(_files(leaf.path, leaf.layout))
-                    ]
-                    # (their bytes were counted as linked: no progress again)
-                    rest = frozenset(current.keys() - failed)
-                    await write_step(storage, info.dir, again, [], None, unchanged=rest)
-                await storage.put(f"{info.dir}/zarr.json", [record])
+                unchanged, leaves = await link(await recycled(old_record))
+                await write_step(
+                    storage, info.dir, leaves, current.groups, record, progress,
+                    unchanged=unchanged,
+                )  # fmt: skip
 
             async def write_part(primary: bool, unchanged: frozenset[str]) -> None:
                 await write_step(
