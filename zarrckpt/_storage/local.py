@@ -105,7 +105,7 @@ def _open_for_writing(path: str, top: str | None = None) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:  # first file of a directory: create it (and any parents)
-        if top is not None and (not os.path.isdir(top) or os.path.islink(top)):
+        if top is not None and _dir_identity(top) is None:
             raise FileNotFoundError(
                 errno.ENOENT, "the step directory vanished while being written", top
             ) from None
@@ -507,8 +507,7 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 if not os.path.exists(source):
                     return False
-                top = self._path(step)
-                if not os.path.isdir(top) or os.path.islink(top):
+                if _dir_identity(self._path(step)) is None:
                     return False  # the step directory was claimed (or the save failed): the
                     # write that follows says so (never re-create it: _open_for_writing)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
