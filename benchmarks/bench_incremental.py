@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -331,10 +332,13 @@ def worker(args: argparse.Namespace) -> None:
             step = int(line.split()[1])
             changed = state.mutate(step) if step else state_bytes(state)
             before, cpu, start = proc_io(), time.process_time(), time.perf_counter()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             saver.save(step, state)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            after = proc_io()
+            after, usage_after = proc_io(), resource.getrusage(resource.RUSAGE_SELF)
             delta = {k: after[k] - before[k] for k in after}
+            for field in ("ru_majflt", "ru_minflt"):  # (major: paged back in from disk)
+                delta[field[3:]] = getattr(usage_after, field) - getattr(usage, field)
             out = {"seconds": seconds, "cpu": cpu, "changed": changed, "at": time.time(), **delta}
             print(json.dumps(out), flush=True)
         elif line.startswith("size"):
@@ -382,7 +386,9 @@ def run_local(args: argparse.Namespace) -> None:
                             saves[system].append(r)
                             print(f"# {profile:10s} {kind:5s} save {step} {system:13s} "
                                   f"{r['seconds']:.3f} s, write_bytes {r['write_bytes'] / MIB:.1f} MiB, "
-                                  f"changed {r['changed'] / MIB:.1f} MiB", file=sys.stderr)  # fmt: skip
+                                  f"changed {r['changed'] / MIB:.1f} MiB, cpu {r['cpu']:.3f} s, "
+                                  f"faults {r['majflt']} major {r['minflt']} minor",
+                                  file=sys.stderr)  # fmt: skip
                     sizes = {s: ask(p, "size") for s, p in procs.items()}
                     for proc in procs.values():
                         proc.stdin.write("quit\n")
