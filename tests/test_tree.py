@@ -14,7 +14,7 @@ from helpers import nested_trees
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zarrckpt import _leaves
+from zarrckpt import _leaves, _tree
 from zarrckpt._tree import (
     MAX_DEPTH,
     MAX_NAME_BYTES,
@@ -182,6 +182,32 @@ def test_int_and_str_keys_that_collide_get_distinct_names():
     _, leaves, _ = flatten({1: "int", "1": "str"})
     assert sorted(p for p, _ in leaves) == ["%i1", "1"]
     assert _roundtrip({1: "int", "1": "str"}) == {1: "int", "1": "str"}
+
+
+class _Spelt(int):
+    """An int key that spells itself otherwise (as ``IntEnum`` did before Python 3.11)."""
+
+    def __str__(self):
+        return f"spelt{int(self)}"
+
+
+class _Shouted(str):
+    def __str__(self):
+        return self.upper()
+
+
+@pytest.mark.parametrize("plain_first", [True, False])
+def test_subclassed_keys_are_named_by_value_whatever_was_named_before(plain_first):
+    # Equal keys share a cache entry: a key's name never depends on which class of it the
+    # process named first, and is the decimal spelling / escape the format specifies.
+    plain = {1: 0, "a": 0, (2, "b"): 0}
+    odd = {_Spelt(1): 0, _Shouted("a"): 0, (_Spelt(2), _Shouted("b")): 0}
+    _tree._sibling_names_of.cache_clear()
+    for tree in (plain, odd) if plain_first else (odd, plain):
+        _, leaves, _ = flatten({"x": tree})
+        assert [p for p, _ in leaves] == ["x/1", "x/a", "x/2/b"]
+        _, leaves, _ = flatten({"y": dict(list(tree.items())[:2])})  # (no tuple key)
+        assert [p for p, _ in leaves] == ["y/1", "y/a"]
 
 
 def test_ordered_dict_and_key_order_survive():

@@ -102,7 +102,7 @@ import re
 import sys
 import unicodedata
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import _leaves
@@ -242,7 +242,18 @@ def _unique(names: Iterable[str]) -> list[str]:
 
 def _sibling_names(parts: list[str | int]) -> list[str]:
     """Names for the children of one group, keyed by ``str`` or ``int`` parts."""
-    return list(_sibling_names_of(tuple(parts)))
+    return list(_sibling_names_of(_plain(parts)))
+
+
+def _plain(parts: Sequence[str | int]) -> tuple[str | int, ...]:
+    """``parts`` as exact ``str`` and ``int``: a name is an integer's decimal spelling and a
+    string's escape, never what a subclass's ``__str__`` says (equal keys of any class share
+    one entry of the cache below, so they must be named alike)."""
+    return tuple(
+        p if type(p) is str or type(p) is int
+        else str.__str__(p) if isinstance(p, str) else int.__int__(p)
+        for p in parts
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)  # the same dict shapes recur (every layer, every neuron)
@@ -365,10 +376,12 @@ def _dict_node(obj: dict[Any, Any], path: str, named: bool) -> _Node:
             p if isinstance(k, tuple) else p[0] for k, p in zip(keys, paths, strict=True)
         ]
         return _Node(header, [(k, p, v) for (k, v), p in zip(items, paths, strict=True)], groups)
+    plain = True
     for key in keys:  # one level of siblings (the common case)
         if type(key) is not str and type(key) is not int:  # (bool is a type of its own)
             _key_parts(path, key)  # refuses a key of another type, naming it
-    names = _sibling_names_of(keys)
+            plain = False
+    names = _sibling_names_of(keys if plain else _plain(keys))
     header["keys"] = list(keys)
     header["names"] = list(names)
     return _Node(header, [(k, [n], v) for (k, v), n in zip(items, names, strict=True)])
