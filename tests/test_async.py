@@ -144,6 +144,39 @@ def test_a_save_failing_at_exit_is_reported(tmp_path):
     assert zarrckpt.list_steps(root) == []
 
 
+# Saves from an ``atexit`` handler, in a process that saved before (so zarrckpt's pools ran
+# and Python's exit stopped them before the handler ran): foreground, background, and a load.
+ATEXIT_SCRIPT = """
+import atexit, sys
+import numpy as np
+import zarrckpt
+
+root, manager = sys.argv[1], zarrckpt.AsyncManager()
+
+def on_exit():
+    zarrckpt.save_pytree(root, {"w": np.arange(10.0)}, verbose=False)
+    zarrckpt.save_pytree(root, {"w": np.arange(20.0)}, verbose=False, async_manager=manager)
+    manager.wait_previous_save()
+    print(zarrckpt.load_pytree(root)["w"].sum())
+
+atexit.register(on_exit)
+zarrckpt.save_pytree(root, {"w": np.arange(5.0)}, verbose=False, async_manager=manager)
+manager.wait_previous_save()
+"""
+
+
+def test_saves_and_loads_work_in_atexit_handlers(tmp_path):
+    root = tmp_path / "ckpt"
+    done = subprocess.run(
+        [sys.executable, "-c", ATEXIT_SCRIPT, str(root)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["190.0"]  # the last save's, loaded in the handler
+    assert zarrckpt.list_steps(root) == [2]
+    np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], np.arange(20.0))
+
+
 def test_an_unseen_failure_is_reported_at_exit(tmp_path):
     script = (
         "import time, zarrckpt\n"

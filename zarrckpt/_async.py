@@ -27,10 +27,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
-from ._sync import lower_priority
+from ._sync import ThreadPool, lower_priority
 from .errors import BackgroundSaveError
 
 __all__ = ["AsyncManager"]
@@ -150,7 +150,7 @@ class AsyncManager:
     """
 
     def __init__(self, max_workers: int = 1) -> None:
-        self._executor = ThreadPoolExecutor(
+        self._executor = ThreadPool(
             max_workers, thread_name_prefix="zarrckpt-save", initializer=lower_priority
         )
         self._save: _Save | None = None
@@ -169,7 +169,7 @@ class AsyncManager:
         """Wait until the previous save has finished, and take it off this manager."""
         if self._pid != os.getpid():  # a forked child: the parent's save is not ours to await
             self._pid, self._save, self._lock = os.getpid(), None, threading.Lock()
-            self._executor = ThreadPoolExecutor(
+            self._executor = ThreadPool(
                 self._max_workers, thread_name_prefix="zarrckpt-save", initializer=lower_priority
             )
         save = self._save

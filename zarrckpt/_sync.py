@@ -15,10 +15,10 @@ import contextlib
 import os
 import threading
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["IO_THREADS", "batch_executor", "io_executor", "lower_priority", "run"]
+__all__ = ["IO_THREADS", "ThreadPool", "batch_executor", "io_executor", "lower_priority", "run"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,27 @@ _batch_pool: ThreadPoolExecutor | None = None
 _io_pool: ThreadPoolExecutor | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
+
+
+class ThreadPool(ThreadPoolExecutor):
+    """A thread pool whose work runs in the caller's thread once Python's exit has stopped
+    every pool: ``atexit`` handlers run after ``concurrent.futures`` stopped them (see
+    ``_async._finish_at_exit``), and a save from one must still work, if more slowly (a
+    background save then finishes before its call returns)."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError as exc:  # (zarrckpt never shuts its pools down itself)
+            if "shutdown" not in str(exc):
+                raise
+        future: Future[Any] = Future()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+        return future
 
 
 def _forget_after_fork() -> None:
@@ -75,7 +96,7 @@ def _get_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None:
             loop = asyncio.new_event_loop()
-            _io_pool = ThreadPoolExecutor(
+            _io_pool = ThreadPool(
                 max_workers=IO_THREADS, thread_name_prefix="zarrckpt-io", initializer=lower_priority
             )
             loop.set_default_executor(_io_pool)
@@ -99,7 +120,7 @@ def batch_executor() -> ThreadPoolExecutor:
     global _batch_pool
     with _lock:
         if _batch_pool is None:
-            _batch_pool = ThreadPoolExecutor(
+            _batch_pool = ThreadPool(
                 BATCH_THREADS, thread_name_prefix="zarrckpt-batch", initializer=lower_priority
             )
         return _batch_pool
