@@ -5,8 +5,8 @@ for zstd, ``ml_dtypes`` for the data types NumPy lacks, and ``xxhash`` to check 
 field); it imports nothing of zarrckpt's. It follows the specification: manifest -> a listed
 step -> the step record (CRC-32C checked) -> the tree record -> each leaf's ``path`` ->
 ``zarr.open_array``, and decodes every chunk file by the chunk-encoding rules as well. Its
-values are compared with ``zarrckpt.load_pytree``'s for every golden checkpoint of zarrckpt
-0.1.0 (format 1.0, naming scheme 1) and for a fresh 0.2.0 root. The naming rules are checked
+values are compared with ``zarrckpt.load_pytree``'s for every golden checkpoint (zarrckpt
+0.1.0: format 1.0, naming scheme 1; 0.2.0: format 1.1, naming scheme 2) and for a fresh root. The naming rules are checked
 too: names computed by the specification's escaping and uniqueness rules must be the names
 zarrckpt recorded.
 
@@ -275,30 +275,43 @@ def same(mine: Any, theirs: Any, where: str = "") -> None:
         assert mine == theirs, where
 
 
-# --- golden checkpoints of zarrckpt 0.1.0 -------------------------------------------------------
+# --- golden checkpoints of every release ---------------------------------------------------------
 
-GOLDEN_ROOTS = sorted(p.name for p in (GOLDEN / "v0.1.0").iterdir() if p.is_dir())
+#: (release folder, case) of every golden checkpoint
+GOLDEN_ROOTS = sorted(
+    (v.name, p.name) for v in GOLDEN.glob("v*") if v.is_dir() for p in v.iterdir() if p.is_dir()
+)
+#: what each release wrote: (format 1.1's record_crc32c in manifest entries, naming scheme,
+#: whether its leaf records hold chunk hashes: ``xxh3``, written by incremental saves)
+FORMATS = {"v0.1.0": (False, None, False), "v0.2.0": (True, 2, True)}
 
 
 @pytest.fixture(scope="module")
 def golden_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("spec") / "v0.1.0"
-    shutil.copytree(GOLDEN / "v0.1.0", copy)  # nothing may ever be written into tests/golden
+    copy = tmp_path_factory.mktemp("spec") / "golden"
+    for version in {v for v, _ in GOLDEN_ROOTS}:  # nothing may ever be written into tests/golden
+        shutil.copytree(GOLDEN / version, copy / version)
     return copy
 
 
-@pytest.mark.parametrize("case", GOLDEN_ROOTS)
-def test_golden_checkpoint_read_by_the_specification(golden_copy: Path, case: str) -> None:
+@pytest.mark.parametrize(("version", "case"), GOLDEN_ROOTS)
+def test_golden_checkpoint_read_by_the_specification(
+    golden_copy: Path, version: str, case: str
+) -> None:
     pytest.importorskip("brainunit")
-    root = golden_copy / case
+    root = golden_copy / version / case
     entries = read_manifest(root)
     assert entries
+    crc, naming, hashes = FORMATS[version]  # (a new release folder must say what it wrote)
     for entry in entries:
-        assert "record_crc32c" not in entry  # format 1.0
-        assert "naming" not in read_step_record(root, entry)  # naming scheme 1
+        assert ("record_crc32c" in entry) is crc
+        record = read_step_record(root, entry)
+        assert record.get("naming") == naming
+        if case != "root_none":  # (no leaf)
+            assert ('"xxh3"' in json.dumps(record)) is hashes
         mine = read_checkpoint(root, entry["step"])
         theirs = canonical(zarrckpt.load_pytree(root, step=entry["step"]))
-        same(mine, theirs, f"{case}@{entry['step']}")
+        same(mine, theirs, f"{version}/{case}@{entry['step']}")
 
 
 # --- a fresh 0.2.0 checkpoint -------------------------------------------------------------------

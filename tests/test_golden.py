@@ -1,8 +1,8 @@
-"""The on-disk format is a promise: checkpoints written by zarrckpt 0.1.0 load bit-exact.
+"""The on-disk format is a promise: checkpoints written by every release load bit-exact.
 
-``tests/golden/v0.1.0/`` holds checkpoints written once by release 0.1.0
-(``tests/golden/make_golden.py``, which also builds the expected values used here). These
-tests use the public API only (``zarrckpt.*``; no private module, no step-directory name),
+``tests/golden/v<release>/`` holds checkpoints written once by that release
+(``tests/golden/make_golden.py``, which also builds the expected values used here); every
+test below runs on each of them. These tests use the public API only (``zarrckpt.*``; no private module, no step-directory name),
 so that they keep testing the promise whatever changes inside. They read copies: nothing
 may ever be written into ``tests/golden``.
 """
@@ -28,16 +28,30 @@ if str(GOLDEN) not in sys.path:
     sys.path.insert(0, str(GOLDEN))  # make_golden, and golden_types for the namedtuples
 
 import make_golden  # noqa: E402
-from make_golden import CASES  # noqa: E402
+from make_golden import CASES, LATER_CASES  # noqa: E402
 
-VERSION = "v0.1.0"
+#: every release that wrote golden checkpoints (a folder each)
+VERSIONS = sorted(p.name for p in GOLDEN.glob("v*") if p.is_dir())
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of ``tests/golden/v0.1.0``: loads must never touch the originals."""
-    copy = tmp_path_factory.mktemp("golden") / VERSION
-    shutil.copytree(GOLDEN / VERSION, copy)
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.lstrip("v").split("."))
+
+
+def _later(version: str) -> list[str]:
+    """The :data:`LATER_CASES` that release ``version`` wrote (all of ``CASES`` it did)."""
+    return [n for n, c in LATER_CASES.items() if _release(version) >= _release(c.since)]
+
+
+def test_every_release_since_the_first_has_a_folder() -> None:
+    assert VERSIONS[:2] == ["v0.1.0", "v0.2.0"]
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def golden(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of one release's folder: loads must never touch the originals."""
+    copy = tmp_path_factory.mktemp("golden") / request.param
+    shutil.copytree(GOLDEN / request.param, copy)
     return copy
 
 
@@ -138,9 +152,10 @@ def _digest(root: Path) -> dict[str, str]:
 # --- the golden set itself -----------------------------------------------------------------------
 
 
-def test_golden_folder_holds_exactly_the_cases() -> None:
-    found = sorted(p.name for p in (GOLDEN / VERSION).iterdir() if p.is_dir())
-    assert found == sorted(CASES)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_folder_holds_exactly_the_cases(version: str) -> None:
+    found = sorted(p.name for p in (GOLDEN / version).iterdir() if p.is_dir())
+    assert found == sorted([*CASES, *_later(version)])
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -392,12 +407,37 @@ def test_plain_zarr_python_reads_the_latest_step(golden, name, node, keys) -> No
     same_array(array[...], want, f"{name}:{node}")
 
 
+# --- cases added after 0.1.0 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "name"), [(v, n) for v in VERSIONS for n in _later(v)]
+)  # fmt: skip
+def test_a_later_case_loads_bit_exact_under_its_recorded_names(tmp_path, version, name) -> None:
+    root = tmp_path / name
+    shutil.copytree(GOLDEN / version / name, root)
+    case = LATER_CASES[name]
+    expected = case.expected(case.steps[-1])
+    same(zarrckpt.load_pytree(str(root)), expected, f"{version}/{name}")
+    same(zarrckpt.load_pytree(str(root), zeros_like(expected)), expected, f"{version}/{name}")
+    ckpt = zarrckpt.open_checkpoint(str(root))
+    paths = [leaf.path for leaf in ckpt.leaves()]
+    if name == "portable_names":
+        assert paths == make_golden.PORTABLE_PATHS
+    manifest = json.loads((root / "zarr.json").read_text())
+    group = zarr.open_group(str(root / manifest["attributes"]["zarrckpt"]["steps"][-1]["dir"]))
+    for path in paths:  # plain zarr-python opens each leaf by its recorded name
+        same_array(group[path][...], ckpt[path][...], f"{version}/{name}:{path}")
+        same_array(group[path][...], ckpt.load(path), f"{version}/{name}:{path}")
+
+
 # --- reading writes nothing ----------------------------------------------------------------------
 
 
-def test_reading_writes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reading_writes_nothing(tmp_path: Path, version: str) -> None:
     root = tmp_path / "multistep"
-    shutil.copytree(GOLDEN / VERSION / "multistep", root)
+    shutil.copytree(GOLDEN / version / "multistep", root)
     before = _digest(root)
     zarrckpt.load_pytree(str(root))
     zarrckpt.load_pytree(str(root), zeros_like(CASES["multistep"].expected(1)), step=1)

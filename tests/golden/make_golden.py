@@ -122,6 +122,7 @@ class Case:
     steps: tuple[int, ...] = (0,)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra save_pytree arguments
     module: bool = False  # saved with zarrckpt.save_module instead of save_pytree
+    since: str = "0.1.0"  # the first release whose folder holds it (LATER_CASES)
 
 
 def _native_c(a: np.ndarray) -> np.ndarray:
@@ -493,6 +494,46 @@ def trees(step: int = 0) -> dict[str, Any]:
     return {name: case.expected(step) for name, case in CASES.items() if step in case.steps}
 
 
+# --- cases added after 0.1.0 --------------------------------------------------------------------
+
+#: Keys that naming scheme 2 (zarrckpt 0.2.0) spells as names valid on every disk and object
+#: store, and the leaf path each gets, in order: Windows' forbidden characters, a leading
+#: ".", a trailing "." or space, device names, siblings equal but for case (also after
+#: Unicode case folding: "ß" folds to "ss"), a name over 255 bytes, tuple keys whose groups
+#: collide by case. These paths are the format's promise: readers use the recorded names,
+#: and plain Zarr readers open them.
+PORTABLE_PATHS = [
+    "names/a%3Cb%3Ec", "names/q%22uote", "names/pipe%7C", "names/what%3F", "names/star%2A",
+    "names/colon%3Ax", "names/%2Ehidden", "names/end%2E", "names/end%20", "names/%43ON",
+    "names/%6Eul.txt", "names/%63om1", "names/V", "names/v%~1", "names/Straße",
+    "names/STRASSE%~1", "names/" + "x" * 200 + "%~0d4e2ca9e9cbced7a7a5380eb29e1a37",
+    "names/ok", "tuple/A/b", "tuple/a%~1/B",
+]  # fmt: skip
+_PORTABLE_KEYS = [
+    "a<b>c", 'q"uote', "pipe|", "what?", "star*", "colon:x", ".hidden", "end.", "end ",
+    "CON", "nul.txt", "com1", "V", "v", "Straße", "STRASSE", "x" * 300, "ok",
+]  # fmt: skip
+
+
+def _portable(step: int) -> dict[str, Any]:
+    return {
+        "names": {k: np.arange(i + 1, dtype=np.int16) for i, k in enumerate(_PORTABLE_KEYS)},
+        "tuple": {("A", "b"): np.ones(2, np.uint8), ("a", "B"): np.zeros(2, np.uint8)},
+    }
+
+
+#: Cases added after 0.1.0: the folder of each release from ``since`` on holds them.
+LATER_CASES: dict[str, Case] = {
+    "portable_names": Case(
+        "naming scheme 2: Windows-forbidden characters, leading/trailing dots and spaces, "
+        "device names, case-colliding siblings and tuple-key groups, a name over 255 bytes",
+        _portable,
+        _portable,
+        since="0.2.0",
+    ),
+}
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 
@@ -511,7 +552,7 @@ def main() -> None:
     if out.exists():
         sys.exit(f"{out} exists: golden checkpoints are written once and never regenerated")
     out.mkdir()
-    for name, case in CASES.items():
+    for name, case in {**CASES, **LATER_CASES}.items():
         root = str(out / name)
         for step in case.steps:
             tree = case.save(step)
