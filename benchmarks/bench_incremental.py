@@ -368,9 +368,29 @@ def ask(proc, line: str) -> dict:
     return json.loads(out)
 
 
+#: Disk each system's root may hold at the end of a run, in states' worth (every root is kept
+#: until the end): raw 1, zarrckpt and incremental=False up to 2 (a step and its spare),
+#: orbax up to 2 (the kept step and the one being written).
+_ROOTS_PER_STATE = {"raw": 1, "zarrckpt": 2, "zarrckpt-full": 2, "orbax": 2}
+
+
+def _check_disk(args: argparse.Namespace, where: str) -> None:
+    """Stop before the first save if the disk cannot hold every root of the run."""
+    runs = sum(1 if p == "brainstate" else len(args.kinds) for p in args.profiles)
+    need = runs * sum(_ROOTS_PER_STATE[s] for s in args.systems) * args.gib * 2**30 * 1.05
+    free = shutil.disk_usage(where).free
+    if free < need:
+        sys.exit(
+            f"bench_incremental: this run keeps up to {need / 2**30:.1f} GiB of roots on "
+            f"{where}, which has {free / 2**30:.1f} GiB free; pass --dir on a larger disk, "
+            "fewer --profiles/--kinds/--systems, or a smaller --gib"
+        )
+
+
 def run_local(args: argparse.Namespace) -> None:
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
+    _check_disk(args, args.dir or os.getcwd())
     root = tempfile.mkdtemp(prefix="zarrckpt-changes-", dir=args.dir or os.getcwd())
     results: dict[tuple[str, str], dict] = {}
     try:
