@@ -177,6 +177,65 @@ def test_saves_and_loads_work_in_atexit_handlers(tmp_path):
     np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], np.arange(20.0))
 
 
+ATEXIT_FAILURE_SCRIPT = """
+import atexit, sys
+import numpy as np
+import zarrckpt, zarrckpt._write as write
+
+root, manager = sys.argv[1], zarrckpt.AsyncManager()
+
+async def broken(*args, **kwargs):
+    raise OSError("disk on fire")
+
+def on_exit():
+    write.write_step = broken
+    try:
+        zarrckpt.save_pytree(root, {"w": np.arange(10.0)}, verbose=False, async_manager=manager)
+    except OSError as exc:
+        print("raised:", exc)
+
+atexit.register(on_exit)
+zarrckpt.save_pytree(root, {"w": np.arange(5.0)}, verbose=False, async_manager=manager)
+manager.wait_previous_save()
+"""
+
+
+def test_a_background_save_failing_in_an_atexit_handler_raises_there(tmp_path):
+    # (the hook that reports unseen failures at exit has run by then: nobody else would)
+    root = tmp_path / "ckpt"
+    done = subprocess.run(
+        [sys.executable, "-c", ATEXIT_FAILURE_SCRIPT, str(root)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["raised: disk on fire"]
+    assert zarrckpt.list_steps(root) == [0]
+
+
+def test_pools_run_work_in_the_caller_once_python_exit_stopped_them(monkeypatch):
+    import concurrent.futures.thread
+    import threading
+
+    from zarrckpt._sync import ThreadPool
+
+    pool = ThreadPool(1)
+    assert pool.submit(threading.current_thread).result() is not threading.current_thread()
+    monkeypatch.setattr(concurrent.futures.thread, "_shutdown", True)  # what Python's exit sets
+    assert pool.submit(threading.current_thread).result() is threading.current_thread()
+    failed = pool.submit(int, "x")  # an Exception goes into the future, as in a pool
+    assert isinstance(failed.exception(), ValueError)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the caller's Ctrl-C is never parked in a future
+        pool.submit(interrupted)
+    monkeypatch.undo()
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):  # a pool its owner shut refuses
+        pool.submit(int, "1")
+
+
 def test_an_unseen_failure_is_reported_at_exit(tmp_path):
     script = (
         "import time, zarrckpt\n"

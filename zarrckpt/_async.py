@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
 
-from ._sync import ThreadPool, lower_priority
+from ._sync import ThreadPool, interpreter_exiting, lower_priority
 from .errors import BackgroundSaveError
 
 __all__ = ["AsyncManager"]
@@ -209,16 +209,27 @@ class AsyncManager:
             raise RuntimeError("this AsyncManager is closed")
         self.wait_before_save()
         with self._lock:
+            if self._closed:  # (closed by another thread meanwhile)
+                raise RuntimeError("this AsyncManager is closed")
             save = _Save(self._executor.submit(task), step, url)
             self._save = save
+        if save.future.done() and interpreter_exiting():
+            # Run in this thread (an atexit handler: see ThreadPool), after the hook that
+            # reports failures at exit: its failure is this call's, as a foreground save's.
+            with self._lock:
+                if self._save is save:
+                    self._save = None
+            save.future.result()
+            return save.future
         _track(save)
         return save.future
 
     def close(self) -> None:
         """Wait for the pending save (raising its error) and stop the worker thread."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.wait_previous_save()
         finally:

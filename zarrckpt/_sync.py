@@ -11,6 +11,7 @@ store zarrckpt opens is only ever used on this loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import contextlib
 import os
 import threading
@@ -18,7 +19,10 @@ from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["IO_THREADS", "ThreadPool", "batch_executor", "io_executor", "lower_priority", "run"]
+__all__ = [
+    "IO_THREADS", "ThreadPool", "batch_executor", "interpreter_exiting", "io_executor",
+    "lower_priority", "run",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -43,24 +47,30 @@ _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
 
 
+def interpreter_exiting() -> bool:
+    """Whether Python's exit has stopped every thread pool (``concurrent.futures``' own flag,
+    set by its exit hook, which runs before ``atexit`` handlers: ``_async._finish_at_exit``)."""
+    return bool(getattr(concurrent.futures.thread, "_shutdown", False))
+
+
 class ThreadPool(ThreadPoolExecutor):
     """A thread pool whose work runs in the caller's thread once Python's exit has stopped
-    every pool: ``atexit`` handlers run after ``concurrent.futures`` stopped them (see
-    ``_async._finish_at_exit``), and a save from one must still work, if more slowly (a
-    background save then finishes before its call returns)."""
+    every pool, so that a save or a load from an ``atexit`` handler still works, if more
+    slowly (a background save then finishes before its call returns). Decided before the
+    work is queued, so it never runs twice; an ``Exception`` goes into the future, as in a
+    pool, while ``KeyboardInterrupt`` and other exits reach the caller at once."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        try:
+        if not interpreter_exiting():
             return super().submit(fn, *args, **kwargs)
-        except RuntimeError as exc:  # (zarrckpt never shuts its pools down itself)
-            if "shutdown" not in str(exc):
-                raise
         future: Future[Any] = Future()
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
+        future.set_running_or_notify_cancel()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
         return future
 
 
