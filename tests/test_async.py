@@ -145,15 +145,26 @@ def test_a_save_failing_at_exit_is_reported(tmp_path):
 
 
 # Saves from an ``atexit`` handler, in a process that saved before (so zarrckpt's pools ran
-# and Python's exit stopped them before the handler ran): foreground, background, and a load.
+# and Python's exit stopped them before the handler ran): foreground, background, and a load;
+# or ("fail") a background save whose write fails.
 ATEXIT_SCRIPT = """
 import atexit, sys
 import numpy as np
-import zarrckpt
+import zarrckpt, zarrckpt._write as write
 
-root, manager = sys.argv[1], zarrckpt.AsyncManager()
+root, how, manager = sys.argv[1], sys.argv[2], zarrckpt.AsyncManager()
+
+async def broken(*args, **kwargs):
+    raise OSError("disk on fire")
 
 def on_exit():
+    if how == "fail":
+        write.write_step = broken
+        try:
+            zarrckpt.save_pytree(root, {"w": np.arange(9.0)}, verbose=False, async_manager=manager)
+        except OSError as exc:
+            print("raised:", exc)
+        return
     zarrckpt.save_pytree(root, {"w": np.arange(10.0)}, verbose=False)
     zarrckpt.save_pytree(root, {"w": np.arange(20.0)}, verbose=False, async_manager=manager)
     manager.wait_previous_save()
@@ -165,51 +176,22 @@ manager.wait_previous_save()
 """
 
 
-def test_saves_and_loads_work_in_atexit_handlers(tmp_path):
+@pytest.mark.parametrize(
+    ("how", "printed", "steps", "latest"),
+    [("saves", ["190.0"], [2], np.arange(20.0)),  # the last save's, loaded in the handler
+     # (the hook that reports unseen failures at exit has run by then: nobody else would)
+     ("fail", ["raised: disk on fire"], [0], np.arange(5.0))],
+)  # fmt: skip
+def test_saves_and_loads_work_in_atexit_handlers(tmp_path, how, printed, steps, latest):
     root = tmp_path / "ckpt"
     done = subprocess.run(
-        [sys.executable, "-c", ATEXIT_SCRIPT, str(root)],
+        [sys.executable, "-c", ATEXIT_SCRIPT, str(root), how],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["190.0"]  # the last save's, loaded in the handler
-    assert zarrckpt.list_steps(root) == [2]
-    np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], np.arange(20.0))
-
-
-ATEXIT_FAILURE_SCRIPT = """
-import atexit, sys
-import numpy as np
-import zarrckpt, zarrckpt._write as write
-
-root, manager = sys.argv[1], zarrckpt.AsyncManager()
-
-async def broken(*args, **kwargs):
-    raise OSError("disk on fire")
-
-def on_exit():
-    write.write_step = broken
-    try:
-        zarrckpt.save_pytree(root, {"w": np.arange(10.0)}, verbose=False, async_manager=manager)
-    except OSError as exc:
-        print("raised:", exc)
-
-atexit.register(on_exit)
-zarrckpt.save_pytree(root, {"w": np.arange(5.0)}, verbose=False, async_manager=manager)
-manager.wait_previous_save()
-"""
-
-
-def test_a_background_save_failing_in_an_atexit_handler_raises_there(tmp_path):
-    # (the hook that reports unseen failures at exit has run by then: nobody else would)
-    root = tmp_path / "ckpt"
-    done = subprocess.run(
-        [sys.executable, "-c", ATEXIT_FAILURE_SCRIPT, str(root)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["raised: disk on fire"]
-    assert zarrckpt.list_steps(root) == [0]
+    assert done.stdout.splitlines() == printed
+    assert zarrckpt.list_steps(root) == steps
+    np.testing.assert_array_equal(zarrckpt.load_pytree(root)["w"], latest)
 
 
 def test_pools_run_work_in_the_caller_once_python_exit_stopped_them(monkeypatch):
