@@ -205,11 +205,9 @@ class AsyncManager:
         """Run ``task`` (the save of ``step`` to ``url``, which messages name) in the
         background once the previous save has finished; if that one failed, raise
         :class:`BackgroundSaveError` and do not run ``task``."""
-        if self._closed:
-            raise RuntimeError("this AsyncManager is closed")
         self.wait_before_save()
-        with self._lock:
-            if self._closed:  # (closed by another thread meanwhile)
+        with self._lock:  # (close() sets it under the lock: no save slips past a close)
+            if self._closed:
                 raise RuntimeError("this AsyncManager is closed")
             save = _Save(self._executor.submit(task), step, url)
             self._save = save
