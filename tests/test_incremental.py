@@ -216,7 +216,7 @@ def test_the_same_jax_array_is_not_hashed_again(tmp_path, monkeypatch):
 
 
 def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
-    """Leaves of at least 4 MiB are hashed on the I/O threads while the rest of the tree is
+    """Leaves of at least 4 MiB are hashed on the hash pool while the rest of the tree is
     planned: the same hashes as in line, and none for a jax.Array an earlier save hashed."""
     from zarrckpt import _write
 
@@ -243,6 +243,31 @@ def test_large_leaves_are_hashed_ahead_with_the_same_hashes():
     _reuse.remember(tree["jbig"], leaves["jbig"].layout, hashes["jbig"])
     assert set(planned().hashing) == {"big"}
     assert not planned(hash_ahead=False).hashing
+
+
+def test_hashing_ahead_never_holds_up_the_io_pool(monkeypatch):
+    """Large leaves are hashed on a pool of their own: the save's reads and writes (the
+    manifest read that decides the step, first) never queue behind them."""
+    from zarrckpt import _sync, _write
+
+    release = threading.Event()
+    view_hashes = _reuse.view_hashes
+
+    def slow(*args):
+        release.wait(30)
+        return view_hashes(*args)
+
+    monkeypatch.setattr(_reuse, "view_hashes", slow)
+    big = np.ones((2048, 1100), np.float32)  # 8.6 MiB in 35 chunks: runs for every thread
+    snapshot = _write.plan(
+        {"big": big}, copy=False, chunk_bytes=256 * 1024, codec=None, hash_ahead=True
+    )
+    try:
+        assert _sync.io_executor().submit(lambda: "read").result(timeout=10) == "read"
+    finally:
+        release.set()
+    (leaf,) = snapshot.leaves
+    assert snapshot.hash_chunks()["big"] == _reuse.chunk_hashes(leaf.layout, big)
 
 
 def test_a_jax_arrays_plan_is_remembered_while_it_lives(monkeypatch):
@@ -371,7 +396,7 @@ def test_object_stores_copy_server_side(backend, request, monkeypatch):
 
 def test_a_failed_save_drops_the_hashes_it_started(tmp_path, monkeypatch):
     """A save refused after planning (here overwrite=False) cancels the chunk hashes that
-    have not started, instead of leaving the I/O threads hashing for nobody."""
+    have not started, instead of leaving the hash pool hashing for nobody."""
     from zarrckpt import _write
 
     root = str(tmp_path / "run")

@@ -34,7 +34,7 @@ from ._progress import human, progress_bar
 from ._sharding import Shards
 from ._storage import Storage, open_storage
 from ._storage.local import LocalStorage
-from ._sync import IO_THREADS, io_executor, run
+from ._sync import HASH_THREADS, hash_executor, run
 from .errors import AlreadyExistsError, CollectionWarning, UnsupportedLeafError
 
 __all__ = ["DEFAULT_KEEP", "Plan", "plan", "save"]
@@ -85,7 +85,7 @@ class Plan:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: leaf path -> the immutable ``jax.Array`` its data came from (``_reuse``)
     sources: dict[str, Any] = field(default_factory=dict)
-    #: leaf path -> its chunk hashes, being computed on the I/O threads (large leaves), a
+    #: leaf path -> its chunk hashes, being computed on the hash pool (large leaves), a
     #: run of chunks per future
     hashing: dict[str, list[Future[list[str | None]]]] = field(default_factory=dict)
     #: the leaves the previous step holds whole (:class:`Carried`), and that step
@@ -211,9 +211,9 @@ class Plan:
         return frozenset(same)
 
 
-#: Leaves of at least this many bytes are hashed on the I/O threads while the rest of the
-#: tree is planned (and, several at once, on several cores): hashing runs at ~15 GB/s per
-#: core, so a state's large matrices cost the save what its thousands of small leaves cost.
+#: Leaves of at least this many bytes are hashed on the hash pool while the rest of the
+#: tree is planned: hashing runs at ~28 GB/s (bound by memory bandwidth), so a state's large
+#: matrices cost the save what its thousands of small leaves cost.
 _HASH_AHEAD_BYTES = 4 * 1024 * 1024
 
 
@@ -357,11 +357,11 @@ def _worth_hashing_ahead(leaf: LeafData, source: Any) -> bool:
 
 
 def _hash_ahead(leaf: LeafData) -> list[Future[list[str | None]]]:
-    """Start hashing ``leaf``'s chunks on the I/O threads, in a few runs of chunks each."""
+    """Start hashing ``leaf``'s chunks on the hash pool, in a few runs of chunks each."""
     assert isinstance(leaf.array, np.ndarray)  # (_worth_hashing_ahead)
     array, ids = leaf.array, list(leaf.layout.chunk_ids())
-    per = -(-len(ids) // (2 * IO_THREADS))  # at most 2 runs per thread
-    pool = io_executor()
+    per = -(-len(ids) // (2 * HASH_THREADS))  # at most 2 runs per thread
+    pool = hash_executor()
     return [
         pool.submit(_reuse.view_hashes, leaf.layout, array, ids[i : i + per])
         for i in range(0, len(ids), per)
