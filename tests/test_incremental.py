@@ -14,7 +14,8 @@ import pytest
 import zarr
 
 import zarrckpt
-from zarrckpt import _reuse, cli
+from zarrckpt import _reuse, _tree, cli
+from zarrckpt._format import ArrayLayout
 from zarrckpt._storage import local as local_storage
 
 
@@ -635,4 +636,96 @@ def test_a_background_save_of_carried_leaves_needs_no_array_after_the_call(tmp_p
     assert carried == [{"W", "V"}]
     out = zarrckpt.load_pytree(root)
     assert np.array_equal(out["W"], np.arange(1000, dtype=np.float32) * 2)
+    assert cli.main(["verify", root]) == 0
+
+
+def _record_hashes(step_dir: Path) -> dict[str, tuple[ArrayLayout, list[str]]]:
+    """Leaf path -> (layout, chunk hashes) as the step's record has them."""
+    doc = json.loads((step_dir / "zarr.json").read_text())
+    tree = doc["attributes"]["zarrckpt"]["tree"]
+    return {r["path"]: (ArrayLayout.from_json(r), r["xxh3"]) for r in _tree.iter_leaf_records(tree)}
+
+
+def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, monkeypatch):
+    """A leaf of which every chunk changed in the previous save (a training loop's weights) is
+    written while it is hashed, not hashed first: the step record still gets its exact
+    hashes, and a leaf that did not change after all is written once more, then linked."""
+    from zarrckpt import _write
+
+    root = str(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    state = {
+        "W": rng.standard_normal((2048, 1100)).astype(np.float32),  # 8.6 MiB: hashed ahead
+        "small": {f"s{i}": rng.standard_normal(100) for i in range(100)},  # in 2 batches
+    }
+    later: list[frozenset[str]] = []
+    speculative = _write.Plan.speculative
+    monkeypatch.setattr(
+        _write.Plan,
+        "speculative",
+        lambda self, previous: later.append(speculative(self, previous)) or later[-1],
+    )
+
+    def step(change_w: bool) -> None:
+        if change_w:
+            state["W"] += 1.0
+        for k in state["small"]:
+            state["small"][k] += 1.0
+        zarrckpt.save_pytree(root, state, keep=None, verbose=False)
+
+    for _ in range(3):
+        step(change_w=True)
+    everything = {"W"} | {f"small/s{i}" for i in range(100)}
+    assert later == [frozenset(), frozenset(), everything]  # the 2nd save learns what changed
+    values = {"W": state["W"], **{f"small/{k}": v for k, v in state["small"].items()}}
+    recorded = _record_hashes(_steps(root)[2])
+    assert set(recorded) == everything
+    for path, (layout, hashes) in recorded.items():
+        assert hashes == _reuse.chunk_hashes(layout, values[path]), path
+    step(change_w=False)  # W was expected to change and did not: written, not linked
+    step(change_w=False)  # now W is compared first again, and linked
+    assert later[3] == everything and later[4] == everything - {"W"}
+    steps = _steps(root)
+    w_chunk = "W/c.0.0"
+    assert os.stat(steps[3] / w_chunk).st_ino != os.stat(steps[2] / w_chunk).st_ino
+    assert os.stat(steps[4] / w_chunk).st_ino == os.stat(steps[3] / w_chunk).st_ino
+    assert _record_hashes(steps[3])["W"] == _record_hashes(steps[4])["W"]
+    out = zarrckpt.load_pytree(root)
+    assert np.array_equal(out["W"], state["W"])
+    assert all(np.array_equal(out["small"][k], v) for k, v in state["small"].items())
+    assert cli.main(["verify", root, "--all"]) == 0  # records, crc32c and hashes agree
+
+
+def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, monkeypatch):
+    """A write that fails while leaves are being hashed meanwhile: the hashing not started
+    is dropped, the committed step is untouched, and the next save saves."""
+    from zarrckpt import _write
+
+    root = str(tmp_path / "run")
+    state = {f"s{i}": np.zeros(1000) for i in range(200)}  # 4 batches of 64 or fewer
+    for _ in range(2):
+        for v in state.values():
+            v += 1.0
+        zarrckpt.save_pytree(root, state, verbose=False)
+    cancelled: list[int] = []
+    cancel = _write.Plan.cancel_hashing
+    monkeypatch.setattr(
+        _write.Plan,
+        "cancel_hashing",
+        lambda self: cancelled.append(len(self.later)) or cancel(self),
+    )
+
+    async def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_write, "write_step", failing)
+    for v in state.values():
+        v += 1.0
+    with pytest.raises(OSError, match="disk full"):
+        zarrckpt.save_pytree(root, state, verbose=False)
+    assert cancelled == [4]
+    monkeypatch.undo()
+    assert np.array_equal(zarrckpt.load_pytree(root)["s7"], state["s7"] - 1.0)
+    zarrckpt.save_pytree(root, state, verbose=False)
+    assert np.array_equal(zarrckpt.load_pytree(root)["s7"], state["s7"])
     assert cli.main(["verify", root]) == 0

@@ -169,11 +169,13 @@ async def commit_step(
     token: Any,
     info: StepInfo,
     keep: int | None,
-    record: bytes,
+    record: bytes | Callable[[], bytes],
     write: Callable[[bytes | None], Awaitable[None]],
     recycle: bool = True,
 ) -> tuple[Manifest, Exception | None]:
-    """Steps 1-6 for one step: ``write(old)`` writes its data and, last, ``record``.
+    """Steps 1-6 for one step: ``write(old)`` writes its data and, last, ``record`` (or
+    the record that ``record()`` gives once ``write`` has returned: one whose chunk hashes
+    were computed while the data was written).
 
     ``old`` is the step record of a recycled spare the data goes over (None: a fresh
     directory); ``recycle=False`` neither uses nor keeps spares.
@@ -182,12 +184,12 @@ async def commit_step(
     manifest and the error of collection, if it failed (the caller warns: collection
     is best effort). Raises :class:`ConcurrentWriteError` if another writer won.
     """
-    info = replace(info, record_crc32c=checksum(record))
-    new = base.with_step(info, keep)
     old = await storage.begin_step(info.dir, recycle)
     try:
         try:
             await write(old)
+            info = replace(info, record_crc32c=checksum(record() if callable(record) else record))
+            new = base.with_step(info, keep)
             await storage.sync()
             await storage.check_lease(info.dir)
         except Exception:

@@ -12,6 +12,12 @@ never decides equality.
 
 A ``jax.Array`` is immutable, so the same object hashed by an earlier save of this process
 keeps its hashes: it is not hashed again (:func:`known_hashes`).
+
+A leaf of which every chunk changed in this process's last save into the root (a training
+loop's weights) is expected to change again: the next save writes it whole while it hashes
+it, instead of hashing first (the hashes go into the step record, written last). If it did
+not change after all, that save writes bytes it could have linked; the one after compares
+first again.
 """
 
 from __future__ import annotations
@@ -111,6 +117,9 @@ class Previous:
 
     dir: str
     leaves: dict[str, tuple[ArrayLayout, Any, list[str]]]
+    #: the leaves of which every chunk differed from the step before (known only of a step
+    #: this process committed): the next save writes them while it hashes them
+    changed: frozenset[str] = frozenset()
 
     @classmethod
     async def read(cls, storage: Storage, info: StepInfo | None) -> Previous | None:
@@ -161,7 +170,10 @@ def last_committed(storage: Storage) -> Previous | None:
 
 
 def committed(
-    storage: Storage, info: StepInfo, leaves: dict[str, tuple[ArrayLayout, Any, list[str]]]
+    storage: Storage,
+    info: StepInfo,
+    leaves: dict[str, tuple[ArrayLayout, Any, list[str]]],
+    changed: frozenset[str] = frozenset(),
 ) -> None:
     """Note the step this process just committed (the next save's :class:`Previous`)."""
-    _records[storage.url] = (info.dir, info.record_crc32c, Previous(info.dir, leaves))
+    _records[storage.url] = (info.dir, info.record_crc32c, Previous(info.dir, leaves, changed))

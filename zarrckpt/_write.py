@@ -9,15 +9,17 @@ Writing and publishing follow the protocol of ``_commit``, in the foreground or 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
+import operator
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -94,6 +96,8 @@ class Plan:
     #: leaf path -> the plan of the jax.Array it came from (:class:`_Planned`), for the
     #: leaves to write
     planned: dict[str, _Planned] = field(default_factory=dict)
+    #: batches of leaves being hashed while the step is written (:meth:`hash_later`)
+    later: list[Future[dict[str, list[str]]]] = field(default_factory=list)
 
     def carried_over(self, previous: _reuse.Previous | None) -> Plan:
         """This plan for a save whose latest committed step is ``previous``: the carried
@@ -114,31 +118,28 @@ class Plan:
         return len(self.leaves) + len(self.carried)
 
     def cancel_hashing(self) -> None:
-        """Drop the hashes not started yet (a save that fails before it writes)."""
+        """Drop the hashes not started yet (a save that fails)."""
         _cancel(self.hashing)
+        for future in self.later:
+            future.cancel()
 
-    def hash_chunks(self) -> dict[str, list[str]]:
+    def hash_chunks(self, later: frozenset[str] = frozenset()) -> dict[str, list[str]]:
         """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
-        or known from an earlier save of the same ``jax.Array``. Sharded leaves have none."""
+        or known from an earlier save of the same ``jax.Array``. Sharded leaves have none,
+        nor do the leaves of ``later`` yet (:meth:`hash_later`)."""
         try:
-            return self._hash_chunks()
+            return self._hash_chunks(later)
         except BaseException:
             self.cancel_hashing()
             raise
 
-    def _hash_chunks(self) -> dict[str, list[str]]:
+    def _hash_chunks(self, later: frozenset[str]) -> dict[str, list[str]]:
         hashes = {}
         for leaf in self.leaves:
-            if isinstance(leaf.array, Shards):
+            if isinstance(leaf.array, Shards) or leaf.path in later:
                 continue
-            found: list[str] | None
-            if leaf.path in self.hashing:  # (None: a chunk that needs a copy, hashed here)
-                ahead = [h for future in self.hashing[leaf.path] for h in future.result()]
-                found = [
-                    h or _reuse.chunk_hash(leaf.layout, leaf.array, idx)
-                    for h, idx in zip(ahead, leaf.layout.chunk_ids(), strict=True)
-                ]
-            else:
+            found = self._hashes_ahead(leaf)
+            if found is None:
                 found = _known_hashes(leaf, self.sources.get(leaf.path))
             if found is None:
                 found = _reuse.chunk_hashes(leaf.layout, leaf.array)
@@ -146,6 +147,60 @@ class Plan:
         for carried in self.carried:  # (their records have them: _plan_leaf)
             hashes[carried.path] = carried.entry[2]
         return hashes
+
+    def _hashes_ahead(self, leaf: LeafData) -> list[str] | None:
+        """``leaf``'s hashes if :func:`plan` began them (waiting for them), else None."""
+        if leaf.path not in self.hashing:
+            return None
+        assert isinstance(leaf.array, np.ndarray)  # (_worth_hashing_ahead)
+        ahead = [h for future in self.hashing[leaf.path] for h in future.result()]
+        return [  # (None: a chunk that needs a copy, hashed here)
+            h or _reuse.chunk_hash(leaf.layout, leaf.array, idx)
+            for h, idx in zip(ahead, leaf.layout.chunk_ids(), strict=True)
+        ]
+
+    def speculative(self, previous: _reuse.Previous | None) -> frozenset[str]:
+        """The leaves to write while they are hashed (:meth:`hash_later`), not hashed first:
+        those of which every chunk changed in the previous save (``previous.changed``),
+        when hashing them would take longer than serializing the step record a second
+        time (once for the recycled directory's check, once with their hashes)."""
+        if previous is None or not previous.changed:
+            return frozenset()
+        paths = [
+            leaf
+            for leaf in self.leaves
+            if leaf.path in previous.changed and not isinstance(leaf.array, Shards)
+        ]
+        nbytes = sum(leaf.layout.nbytes for leaf in paths)
+        hashing = nbytes / _HASHED_BYTES_PER_S + len(paths) * _HASH_S_PER_LEAF
+        if hashing <= self.count * _RECORD_S_PER_LEAF:
+            return frozenset()
+        return frozenset(leaf.path for leaf in paths)
+
+    def hash_later(self, paths: frozenset[str]) -> Callable[[], dict[str, list[str]]]:
+        """Start hashing the leaves ``paths`` on the hash pool (in batches; those that
+        :func:`plan` began hashing carry on); the function returned waits for their
+        hashes and puts them into the tree record too. Cancelled with the rest by
+        :meth:`cancel_hashing`."""
+        todo = [leaf for leaf in self.leaves if leaf.path in paths]
+        ahead = [leaf for leaf in todo if leaf.path in self.hashing]
+        small = [leaf for leaf in todo if leaf.path not in self.hashing]
+        pool = hash_executor()
+        batches = [
+            pool.submit(_hash_leaves, small[i : i + _LATER_BATCH])
+            for i in range(0, len(small), _LATER_BATCH)
+        ]
+        self.later.extend(batches)
+
+        def wait() -> dict[str, list[str]]:
+            found = {path: h for batch in batches for path, h in batch.result().items()}
+            for leaf in ahead:
+                found[leaf.path] = self._hashes_ahead(leaf) or []  # (never None: in hashing)
+            for leaf in todo:
+                self.records[leaf.path][_leaves.HASH_FIELD] = found[leaf.path]
+            return found
+
+        return wait
 
     def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> list[str]:
         """Keys of this step (relative to its directory) whose bytes ``previous`` holds
@@ -215,6 +270,25 @@ class Plan:
 #: tree is planned: hashing runs at ~28 GB/s (bound by memory bandwidth), so a state's large
 #: matrices cost the save what its thousands of small leaves cost.
 _HASH_AHEAD_BYTES = 4 * 1024 * 1024
+
+
+#: Whether a save hashes a leaf expected to change before or while writing it
+#: (:meth:`Plan.speculative`) weighs these, measured on a 2-core VM: xxh3-128 runs at
+#: ~28 GB/s on a large leaf, ~8 µs per small leaf with the Python around it, and the step
+#: record's JSON costs ~3 µs per leaf.
+_HASHED_BYTES_PER_S = 20e9
+_HASH_S_PER_LEAF = 8e-6
+_RECORD_S_PER_LEAF = 3e-6
+#: small leaves hashed per job of :meth:`Plan.hash_later`
+_LATER_BATCH = 64
+
+
+def _hash_leaves(leaves: list[LeafData]) -> dict[str, list[str]]:
+    found = {}
+    for leaf in leaves:
+        assert isinstance(leaf.array, np.ndarray)  # (Plan.speculative: no Shards)
+        found[leaf.path] = _reuse.chunk_hashes(leaf.layout, leaf.array)
+    return found
 
 
 def _known_hashes(leaf: LeafData, source: Any) -> list[str] | None:
@@ -404,24 +478,32 @@ def _old_tree(record: bytes) -> Any:
 
 def _held(
     snapshot: Plan, hashes: dict[str, list[str]], previous: _reuse.Previous | None
-) -> dict[str, tuple[ArrayLayout, Any, list[str]]]:
-    """Leaf path -> (layout, dims, hashes) of a step just committed, for the next save. An
+) -> tuple[dict[str, tuple[ArrayLayout, Any, list[str]]], frozenset[str]]:
+    """Leaf path -> (layout, dims, hashes) of a step just committed, for the next save, and
+    the leaves of which every chunk differs from ``previous`` (``Previous.changed``). An
     unchanged leaf keeps the previous step's entry: a save loop then keeps few new objects,
     and the garbage collector's full collections (tens of ms in a process holding JAX) come
     rarely."""
     before = previous.leaves if previous is not None else {}
-    held = {}
+    held, changed = {}, []
     for leaf in snapshot.leaves:
         found = hashes.get(leaf.path)
         if found is None:
             continue
         entry = before.get(leaf.path)
         if entry is None or entry[2] != found or entry[0] != leaf.layout or entry[1] != leaf.dims:
+            if (
+                entry is not None
+                and entry[0] == leaf.layout
+                and found
+                and not any(map(operator.eq, entry[2], found))  # (same layout: same count)
+            ):
+                changed.append(leaf.path)
             entry = (leaf.layout, leaf.dims, found)
         held[leaf.path] = entry
     for carried in snapshot.carried:
         held[carried.path] = carried.entry
-    return held
+    return held, frozenset(changed)
 
 
 _pause_lock = threading.Lock()
@@ -603,7 +685,10 @@ def _save(
             else None
         )
         current = snapshot.carried_over(previous)
-        hashes = current.hash_chunks() if incremental else {}
+        later = current.speculative(previous) if incremental else frozenset()
+        hashes = current.hash_chunks(later) if incremental else {}
+        hashed_later = current.hash_later(later) if later else None
+        # (without the hashes of ``later``: enough to tell a recycled directory's metadata)
         record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
         linked = current.linkable(previous, hashes) if previous is not None else []
         total = sum(leaf.nbytes for leaf in current.leaves)
@@ -644,11 +729,21 @@ def _save(
                 return unchanged, leaves
 
             async def write(old_record: bytes | None) -> None:
+                nonlocal record
                 unchanged, leaves = await link(await recycled(old_record))
                 await write_step(
-                    storage, info.dir, leaves, current.groups, record, progress,
-                    unchanged=unchanged,
+                    storage, info.dir, leaves, current.groups,
+                    None if hashed_later else record, progress, unchanged=unchanged,
                 )  # fmt: skip
+                if hashed_later:  # the record, with the hashes computed meanwhile, last
+                    record = await asyncio.get_running_loop().run_in_executor(
+                        None, finish_record, hashed_later
+                    )
+                    await storage.put(f"{info.dir}/zarr.json", [record])
+
+            def finish_record(wait: Callable[[], dict[str, list[str]]]) -> bytes:
+                hashes.update(wait())
+                return step_record_bytes(number, current.record, _tree.NAMING_VERSION)
 
             async def write_part(primary: bool, unchanged: frozenset[str]) -> None:
                 await write_step(
@@ -658,16 +753,23 @@ def _save(
 
             if collective is None:
                 assert base is not None  # decided by this process
-                _, collect_error = run(
-                    commit_step(storage, base, token, info, keep, record, write, recycle)
-                )
+                try:
+                    _, collect_error = run(
+                        commit_step(
+                            storage, base, token, info, keep, lambda: record, write, recycle
+                        )
+                    )
+                except BaseException:
+                    current.cancel_hashing()
+                    raise
             else:
                 collect_error = collective.commit(
                     storage, base, token, info, keep, record, recycled, write_part, recycle
                 )
         if hashes:  # what the next save compares with, without reading it back
-            held = _held(current, hashes, previous)
-            _reuse.committed(storage, replace(info, record_crc32c=checksum(record)), held)
+            held, changed = _held(current, hashes, previous)
+            committed = replace(info, record_crc32c=checksum(record))
+            _reuse.committed(storage, committed, held, changed)
             for path, source in current.sources.items():
                 if path in held:
                     _reuse.remember(source, held[path][0], held[path][2])
