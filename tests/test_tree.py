@@ -767,3 +767,49 @@ def test_a_sequence_target_matches_decimal_string_keys(tmp_path):
     zarrckpt.save_pytree(root, {"d": {0: np.zeros(1), "0": np.ones(1)}}, verbose=False)
     got = zarrckpt.load_pytree(root, {"d": [np.full(1, 5.0)]}, mismatch="ignore")
     assert got["d"][0].tolist() == [0.0]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_saved_tree_is_freed_as_soon_as_the_caller_drops_it(tmp_path, background):
+    """Nothing of a save keeps the caller's arrays alive after it: no reference cycle waits
+    for the garbage collector (a background save runs with it on, so a cycle would move to
+    the oldest generation and keep, say, a JAX model's old parameters until a full pass)."""
+    import gc
+    import weakref
+
+    import zarrckpt
+
+    array = np.arange(1000.0)
+    alive = weakref.ref(array)
+    gc.disable()
+    try:
+        if background:
+            with zarrckpt.AsyncManager() as manager:
+                zarrckpt.save_pytree(tmp_path / "c", {"a": {"b": array}}, async_manager=manager)
+        else:
+            zarrckpt.save_pytree(tmp_path / "c", {"a": {"b": array}}, verbose=False)
+        del array
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+def test_a_loaded_tree_is_freed_as_soon_as_the_caller_drops_it(tmp_path, with_target):
+    """Likewise for loads: a notebook that loads a large checkpoint again and again holds
+    one copy, not every copy until the garbage collector's next full pass."""
+    import gc
+    import weakref
+
+    import zarrckpt
+
+    tree = {"a": {"b": np.arange(1000.0)}, "c": [np.zeros(3)]}
+    zarrckpt.save_pytree(tmp_path / "c", tree, verbose=False)
+    gc.disable()
+    try:
+        out = zarrckpt.load_pytree(tmp_path / "c", target=tree if with_target else None)
+        alive = weakref.ref(out["a"]["b"])
+        del out
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -507,11 +507,19 @@ def flatten(tree: Any) -> tuple[dict[str, Any], list[tuple[str, Any]], list[str]
             if type(child) in leaf_types and child_depth <= MAX_DEPTH:  # (what visit does)
                 kids.append(leaf(child, child_path))
             else:
-                kids.append(visit(child, child_path, child_depth, in_node))
+                kids.append(visit(child, child_path, child_depth, in_node))  # noqa: F821
         header["children"] = kids
         return header
 
-    record = visit(tree, "", 0, False)
+    try:
+        record = visit(tree, "", 0, False)
+    finally:
+        # ``visit`` calls itself through its closure: a reference cycle that would keep
+        # ``leaves``, and with it every array of the tree, alive until the garbage
+        # collector's next pass (a full one, if collections promoted it meanwhile: a
+        # background save runs with the collector on). Emptying the cell breaks it; ruff's
+        # F821 on the recursive call is pyflakes' known false alarm for a deleted name.
+        del visit
     return record, leaves, groups
 
 
@@ -868,10 +876,13 @@ def rebuild(target: Any, values: Iterable[Any]) -> Any:
             return values[position - 1]
         kids = []
         for _, _, child in node.kids:
-            kids.append(visit(child, depth + 1))
+            kids.append(visit(child, depth + 1))  # noqa: F821 (deleted after use)
         return _rebuild_node(obj, node, kids)
 
-    out = visit(target, 0)
+    try:
+        out = visit(target, 0)
+    finally:
+        del visit  # (a recursive closure: see flatten)
     if position != len(values):
         raise ValueError(f"rebuild: {len(values)} values for a target of {position} leaves")
     return out
@@ -891,10 +902,14 @@ def map_leaves(tree: Any, fn: Callable[[str, Any], Any]) -> Any:
             return fn(path or ROOT_LEAF_NAME, obj)
         values = []
         for _, names, child in node.kids:
-            values.append(visit(child, _join(path, names), depth + max(1, len(names))))
+            child_path, child_depth = _join(path, names), depth + max(1, len(names))
+            values.append(visit(child, child_path, child_depth))  # noqa: F821 (deleted after use)
         return _rebuild_node(obj, node, values)
 
-    return visit(tree, "", 0)
+    try:
+        return visit(tree, "", 0)
+    finally:
+        del visit  # (a recursive closure: see flatten)
 
 
 # --- validation ----------------------------------------------------------------------------------
