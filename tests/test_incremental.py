@@ -696,9 +696,11 @@ def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, 
     assert cli.main(["verify", root, "--all"]) == 0  # records, crc32c and hashes agree
 
 
-def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, monkeypatch):
-    """A write that fails while leaves are being hashed meanwhile: the hashing not started
-    is dropped, the committed step is untouched, and the next save saves."""
+@pytest.mark.parametrize("failing", ["write_step", "step_record_bytes"])
+def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, monkeypatch, failing):
+    """A save that fails while leaves are being hashed meanwhile (in the write, or before
+    it: the first serialization of the record): the hashing not started is dropped, the
+    committed step is untouched, and the next save saves."""
     from zarrckpt import _write
 
     root = str(tmp_path / "run")
@@ -715,10 +717,15 @@ def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, mo
         lambda self: cancelled.append(len(self.later)) or cancel(self),
     )
 
-    async def failing(*args, **kwargs):
+    async def failing_write(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_write, "write_step", failing)
+    def failing_record(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(
+        _write, failing, failing_write if failing == "write_step" else failing_record
+    )
     for v in state.values():
         v += 1.0
     with pytest.raises(OSError, match="disk full"):

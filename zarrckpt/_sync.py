@@ -33,10 +33,14 @@ IO_THREADS = int(os.environ.get("ZARRCKPT_IO_THREADS", "8"))
 #: threads than cores only add GIL hand-offs (measured: 8 threads ~2x slower than 2).
 BATCH_THREADS = int(os.environ.get("ZARRCKPT_BATCH_THREADS", str(min(4, os.cpu_count() or 1))))
 
-#: Threads that hash large leaves ahead of a save's writes (``_write._hash_ahead``).
-#: Hashing is bound by memory bandwidth (measured: 2 threads hash 1 GiB no faster than 1),
-#: and a pool of its own keeps it from queueing ahead of the I/O pool's reads and writes.
-HASH_THREADS = int(os.environ.get("ZARRCKPT_HASH_THREADS", str(min(2, os.cpu_count() or 1))))
+#: Threads that hash large leaves ahead of a save's writes (``_write._hash_ahead``): half
+#: the cores, 2 to 8. Hashing is bound by memory bandwidth (on a 2-core VM, 2 threads hash
+#: 1 GiB no faster than 1, in 35 ms); a server's one core reaches a fraction of its
+#: bandwidth, hence more there (not measured here). A pool of its own keeps hashing from
+#: queueing ahead of the I/O pool's reads and writes.
+HASH_THREADS = int(
+    os.environ.get("ZARRCKPT_HASH_THREADS", str(min(8, max(2, (os.cpu_count() or 1) // 2))))
+)
 
 #: Niceness of zarrckpt's worker threads (Linux: per thread). When a save runs in the
 #: background, the training loop's threads keep priority; alone, the workers run at full speed.

@@ -184,16 +184,25 @@ class Plan:
         :meth:`cancel_hashing`."""
         todo = [leaf for leaf in self.leaves if leaf.path in paths]
         ahead = [leaf for leaf in todo if leaf.path in self.hashing]
-        small = [leaf for leaf in todo if leaf.path not in self.hashing]
+        known: dict[str, list[str]] = {}  # (a jax.Array an earlier save hashed)
+        small = []
+        for leaf in todo:
+            if leaf.path not in self.hashing:
+                hashes = _known_hashes(leaf, self.sources.get(leaf.path))
+                if hashes is not None:
+                    known[leaf.path] = hashes
+                else:
+                    small.append(leaf)
         pool = hash_executor()
-        batches = [
-            pool.submit(_hash_leaves, small[i : i + _LATER_BATCH])
-            for i in range(0, len(small), _LATER_BATCH)
-        ]
-        self.later.extend(batches)
+        batches: list[Future[dict[str, list[str]]]] = []
+        for i in range(0, len(small), _LATER_BATCH):
+            batches.append(pool.submit(_hash_leaves, small[i : i + _LATER_BATCH]))
+            self.later.append(batches[-1])  # (at once: cancel_hashing sees each)
 
         def wait() -> dict[str, list[str]]:
-            found = {path: h for batch in batches for path, h in batch.result().items()}
+            found = dict(known)
+            for batch in batches:
+                found.update(batch.result())
             for leaf in ahead:
                 found[leaf.path] = self._hashes_ahead(leaf) or []  # (never None: in hashing)
             for leaf in todo:
@@ -678,6 +687,13 @@ def _save(
     location = storage.describe(info.dir)
 
     def task() -> None:
+        try:
+            save_step()
+        except BaseException:
+            snapshot.cancel_hashing()  # (what is still hashing for a failed save: drop it)
+            raise
+
+    def save_step() -> None:
         start = time.perf_counter()
         show_bar = verbose and async_manager is None
         previous = (
@@ -754,15 +770,9 @@ def _save(
 
             if collective is None:
                 assert base is not None  # decided by this process
-                try:
-                    _, collect_error = run(
-                        commit_step(
-                            storage, base, token, info, keep, lambda: record, write, recycle
-                        )
-                    )
-                except BaseException:
-                    current.cancel_hashing()
-                    raise
+                _, collect_error = run(
+                    commit_step(storage, base, token, info, keep, lambda: record, write, recycle)
+                )
             else:
                 collect_error = collective.commit(
                     storage, base, token, info, keep, record, recycled, write_part, recycle
