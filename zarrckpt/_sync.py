@@ -50,8 +50,8 @@ WORKER_NICENESS = int(os.environ.get("ZARRCKPT_WORKER_NICENESS", "10"))
 _SLICE_S = 0.1
 
 _lock = threading.Lock()
-_batch_pool: ThreadPoolExecutor | None = None
-_hash_pool: ThreadPoolExecutor | None = None
+#: pools made on first use, by name (``_pool``)
+_pools: dict[str, ThreadPoolExecutor] = {}
 _io_pool: ThreadPoolExecutor | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
@@ -90,9 +90,10 @@ def _forget_after_fork() -> None:
     (The parent's objects are dropped, not shut down: their threads are gone, and a lock
     held by one of them at fork time would never be released.)
     """
-    global _lock, _batch_pool, _hash_pool, _io_pool, _loop, _thread
+    global _lock, _pools, _io_pool, _loop, _thread
     _lock = threading.Lock()
-    _batch_pool = _hash_pool = _io_pool = _loop = _thread = None
+    _pools = {}
+    _io_pool = _loop = _thread = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -135,26 +136,25 @@ def io_executor() -> ThreadPoolExecutor:
     return _io_pool
 
 
+def _pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """The pool ``name`` of ``threads`` threads, made on first use."""
+    with _lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = ThreadPool(
+                threads, thread_name_prefix=f"zarrckpt-{name}", initializer=lower_priority
+            )
+        return pool
+
+
 def batch_executor() -> ThreadPoolExecutor:
     """The pool for batches of small files (see ``BATCH_THREADS``)."""
-    global _batch_pool
-    with _lock:
-        if _batch_pool is None:
-            _batch_pool = ThreadPool(
-                BATCH_THREADS, thread_name_prefix="zarrckpt-batch", initializer=lower_priority
-            )
-        return _batch_pool
+    return _pool("batch", BATCH_THREADS)
 
 
 def hash_executor() -> ThreadPoolExecutor:
     """The pool that hashes large leaves ahead of a save's writes (see ``HASH_THREADS``)."""
-    global _hash_pool
-    with _lock:
-        if _hash_pool is None:
-            _hash_pool = ThreadPool(
-                HASH_THREADS, thread_name_prefix="zarrckpt-hash", initializer=lower_priority
-            )
-        return _hash_pool
+    return _pool("hash", HASH_THREADS)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
