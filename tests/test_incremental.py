@@ -678,8 +678,11 @@ def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, 
     everything = {"W"} | {f"small/s{i}" for i in range(100)}
     assert later == [frozenset(), frozenset(), everything]  # the 2nd save learns what changed
     values = {"W": state["W"], **{f"small/{k}": v for k, v in state["small"].items()}}
-    recorded = _record_hashes(_steps(root)[2])
+    steps = _steps(root)
+    recorded = _record_hashes(steps[2])
     assert set(recorded) == everything
+    # their metadata did not change: linked, as a compared leaf's is
+    assert os.path.samefile(steps[2] / "W/zarr.json", steps[1] / "W/zarr.json")
     for path, (layout, hashes) in recorded.items():
         assert hashes == _reuse.chunk_hashes(layout, values[path]), path
     step(change_w=False)  # W was expected to change and did not: written, not linked

@@ -155,6 +155,12 @@ class Previous:
         same = [i for i, (a, b) in enumerate(zip(found[2], hashes, strict=True)) if a == b]
         return ([-1] if found[1] == dims else []) + same
 
+    def same_metadata(self, path: str, layout: ArrayLayout, dims: Any) -> bool:
+        """Whether the previous step holds leaf ``path``'s ``zarr.json`` with the same bytes
+        (the same layout and dimension names)."""
+        found = self.leaves.get(path)
+        return found is not None and found[0] == layout and found[1] == dims
+
 
 #: url -> (step directory, record crc32c, what it holds): the step this process committed
 #: last into each root, so that a save loop never reads back its own step record.

@@ -211,12 +211,19 @@ class Plan:
 
         return wait
 
-    def linkable(self, previous: _reuse.Previous, hashes: dict[str, list[str]]) -> list[str]:
+    def linkable(
+        self,
+        previous: _reuse.Previous,
+        hashes: dict[str, list[str]],
+        later: frozenset[str] = frozenset(),
+    ) -> list[str]:
         """Keys of this step (relative to its directory) whose bytes ``previous`` holds
-        under the same key."""
+        under the same key (of the leaves of ``later``, hashed meanwhile: the metadata)."""
         linked = []
         for leaf in self.leaves:
             if leaf.path not in hashes:
+                if leaf.path in later and previous.same_metadata(leaf.path, leaf.layout, leaf.dims):
+                    linked.append(f"{leaf.path}/zarr.json")
                 continue
             positions = previous.linkable(leaf.path, leaf.layout, leaf.dims, hashes[leaf.path])
             names = None
@@ -707,7 +714,7 @@ def _save(
         hashed_later = current.hash_later(later) if later else None
         # (without the hashes of ``later``: enough to tell a recycled directory's metadata)
         record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
-        linked = current.linkable(previous, hashes) if previous is not None else []
+        linked = current.linkable(previous, hashes, later) if previous is not None else []
         total = sum(leaf.nbytes for leaf in current.leaves)
         total += sum(carried.layout.nbytes for carried in current.carried)
         with progress_bar(total, f"save step {number}", show_bar) as progress:
