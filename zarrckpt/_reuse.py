@@ -153,7 +153,7 @@ class Previous:
         if found is None or found[0] != layout:
             return []
         same = [i for i, (a, b) in enumerate(zip(found[2], hashes, strict=True)) if a == b]
-        return ([-1] if found[1] == dims else []) + same
+        return ([-1] if self.same_metadata(path, layout, dims) else []) + same
 
     def same_metadata(self, path: str, layout: ArrayLayout, dims: Any) -> bool:
         """Whether the previous step holds leaf ``path``'s ``zarr.json`` with the same bytes

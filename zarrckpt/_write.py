@@ -126,23 +126,15 @@ class Plan:
     def hash_chunks(self, later: frozenset[str] = frozenset()) -> dict[str, list[str]]:
         """Each leaf's chunk hashes (``_reuse``), also put into the tree record: computed,
         or known from an earlier save of the same ``jax.Array``. Sharded leaves have none,
-        nor do the leaves of ``later`` yet (:meth:`hash_later`)."""
-        try:
-            return self._hash_chunks(later)
-        except BaseException:
-            self.cancel_hashing()
-            raise
-
-    def _hash_chunks(self, later: frozenset[str]) -> dict[str, list[str]]:
+        nor do the leaves of ``later`` yet (:meth:`hash_later`). (A save that fails
+        cancels what is still hashing: ``_save``'s task.)"""
         hashes = {}
         for leaf in self.leaves:
             if isinstance(leaf.array, Shards) or leaf.path in later:
                 continue
             found = self._hashes_ahead(leaf)
             if found is None:
-                found = _known_hashes(leaf, self.sources.get(leaf.path))
-            if found is None:
-                found = _reuse.chunk_hashes(leaf.layout, leaf.array)
+                found = self._hashes_now(leaf)
             hashes[leaf.path] = self.records[leaf.path][_leaves.HASH_FIELD] = found
         for carried in self.carried:  # (their records have them: _plan_leaf)
             hashes[carried.path] = carried.entry[2]
@@ -159,6 +151,18 @@ class Plan:
             for h, idx in zip(ahead, leaf.layout.chunk_ids(), strict=True)
         ]
 
+    def _hashes_now(self, leaf: LeafData) -> list[str]:
+        """``leaf``'s hashes, known from an earlier save of the same ``jax.Array`` or computed
+        here (never waiting for another job: the hash pool's batches call it)."""
+        found = _known_hashes(leaf, self.sources.get(leaf.path))
+        if found is None:
+            assert isinstance(leaf.array, np.ndarray)  # (callers skip Shards)
+            found = _reuse.chunk_hashes(leaf.layout, leaf.array)
+        return found
+
+    def _hashes_of(self, leaves: list[LeafData]) -> dict[str, list[str]]:
+        return {leaf.path: self._hashes_now(leaf) for leaf in leaves}
+
     def speculative(self, previous: _reuse.Previous | None) -> frozenset[str]:
         """The leaves to write while they are hashed (:meth:`hash_later`), not hashed first:
         those of which every chunk changed in the previous save (``previous.changed``),
@@ -166,16 +170,16 @@ class Plan:
         time (once for the recycled directory's check, once with their hashes)."""
         if previous is None or not previous.changed:
             return frozenset()
-        paths = [
+        leaves = [
             leaf
             for leaf in self.leaves
             if leaf.path in previous.changed and not isinstance(leaf.array, Shards)
         ]
-        nbytes = sum(leaf.layout.nbytes for leaf in paths)
-        hashing = nbytes / _HASHED_BYTES_PER_S + len(paths) * _HASH_S_PER_LEAF
+        nbytes = sum(leaf.layout.nbytes for leaf in leaves)
+        hashing = nbytes / _HASHED_BYTES_PER_S + len(leaves) * _HASH_S_PER_LEAF
         if hashing <= self.count * _RECORD_S_PER_LEAF:
             return frozenset()
-        return frozenset(leaf.path for leaf in paths)
+        return frozenset(leaf.path for leaf in leaves)
 
     def hash_later(self, paths: frozenset[str]) -> Callable[[], dict[str, list[str]]]:
         """Start hashing the leaves ``paths`` on the hash pool (in batches; those that
@@ -184,23 +188,15 @@ class Plan:
         :meth:`cancel_hashing`."""
         todo = [leaf for leaf in self.leaves if leaf.path in paths]
         ahead = [leaf for leaf in todo if leaf.path in self.hashing]
-        known: dict[str, list[str]] = {}  # (a jax.Array an earlier save hashed)
-        small = []
-        for leaf in todo:
-            if leaf.path not in self.hashing:
-                hashes = _known_hashes(leaf, self.sources.get(leaf.path))
-                if hashes is not None:
-                    known[leaf.path] = hashes
-                else:
-                    small.append(leaf)
+        small = [leaf for leaf in todo if leaf.path not in self.hashing]
         pool = hash_executor()
         batches: list[Future[dict[str, list[str]]]] = []
         for i in range(0, len(small), _LATER_BATCH):
-            batches.append(pool.submit(_hash_leaves, small[i : i + _LATER_BATCH]))
+            batches.append(pool.submit(self._hashes_of, small[i : i + _LATER_BATCH]))
             self.later.append(batches[-1])  # (at once: cancel_hashing sees each)
 
         def wait() -> dict[str, list[str]]:
-            found = dict(known)
+            found = {}
             for batch in batches:
                 found.update(batch.result())
             for leaf in ahead:
@@ -298,14 +294,6 @@ _HASH_S_PER_LEAF = 8e-6
 _RECORD_S_PER_LEAF = 3e-6
 #: small leaves hashed per job of :meth:`Plan.hash_later`
 _LATER_BATCH = 64
-
-
-def _hash_leaves(leaves: list[LeafData]) -> dict[str, list[str]]:
-    found = {}
-    for leaf in leaves:
-        assert isinstance(leaf.array, np.ndarray)  # (Plan.speculative: no Shards)
-        found[leaf.path] = _reuse.chunk_hashes(leaf.layout, leaf.array)
-    return found
 
 
 def _known_hashes(leaf: LeafData, source: Any) -> list[str] | None:
