@@ -7,7 +7,8 @@
 
 **Local part.** The user's way: one root per system, the defaults, ``--saves`` saves (default 7)
 in one long-lived process per system (the training or simulation process), the state mutated
-between saves. The parent alternates the systems save by save, so disk noise hits all alike.
+between saves. The parent alternates the systems save by save, rotating their order each round,
+so disk noise and one system's dirty pages hit all alike.
 Profiles:
 
 * ``every``: every leaf changes (training): the four matrices and all 2,001 small leaves;
@@ -401,8 +402,13 @@ def run_local(args: argparse.Namespace) -> None:
                     ready = {s: json.loads(p.stdout.readline()) for s, p in procs.items()}
                     saves: dict[str, list[dict]] = {s: [] for s in args.systems}
                     for step in range(args.saves):
-                        for system, proc in procs.items():  # alternate, save by save
-                            r = ask(proc, f"save {step}")
+                        # Alternate save by save, and rotate the order each round: a system
+                        # that always ran right after the same one would always meet that
+                        # one's dirty pages (or its syncfs) on the disk.
+                        shift = step % len(procs)
+                        order = list(procs)[shift:] + list(procs)[:shift]
+                        for system in order:
+                            r = ask(procs[system], f"save {step}")
                             saves[system].append(r)
                             print(f"# {profile:10s} {kind:5s} save {step} {system:13s} "
                                   f"{r['seconds']:.3f} s, write_bytes {r['write_bytes'] / MIB:.1f} MiB, "
@@ -445,7 +451,8 @@ PROFILE_NAMES = {
 def report_local(results: dict, args: argparse.Namespace) -> None:
     where = args.dir or "the current directory's disk"
     print(f"\nChanges: {args.saves} saves into one root per system, default arguments, on {where}; "
-          "one long-lived process per system, systems alternating save by save; per save the "
+          "one long-lived process per system, systems alternating save by save in an order "
+          "rotated each round; per save the "
           "median of saves 2..N; `write_bytes`/`wchar` from /proc/self/io of the saving process; "
           "root after the loop, each inode once (allocated; apparent in brackets).\n")  # fmt: skip
     summary = []
