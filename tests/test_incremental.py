@@ -699,12 +699,76 @@ def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, 
     assert cli.main(["verify", root, "--all"]) == 0  # records, crc32c and hashes agree
 
 
-@pytest.mark.parametrize("failing", ["write_step", "step_record_bytes"])
+def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_path, monkeypatch):
+    """A save's leaves expected to change are hashed only once all its data is written
+    (their hashing then takes no CPU from the writes): while the disk flushes it. The step
+    record with their hashes is written after that, last, and flushed before the commit."""
+    from zarrckpt import _commit, _write
+    from zarrckpt._storage.local import LocalStorage
+
+    root = str(tmp_path / "run")
+    state = {
+        "W": np.ones((2048, 1100), np.float32),  # 8.6 MiB: hashed in runs of chunks
+        "small": {f"s{i}": np.zeros(100) for i in range(100)},
+    }
+    for _ in range(2):  # (the second save learns what changed)
+        state["W"] += 1.0
+        zarrckpt.save_pytree(root, state, verbose=False)
+    events: list[str] = []
+    put, put_batch, sync = LocalStorage.put, LocalStorage._put_batch, LocalStorage.sync
+    view_hashes, hashes_of, publish = _reuse.view_hashes, _write.Plan._hashes_of, _commit.publish
+
+    async def logged_put(self, key, parts):
+        events.append(f"put {key}")
+        return await put(self, key, parts)
+
+    def logged_put_batch(self, items):
+        events.extend(f"put {key}" for key, _ in items)
+        return put_batch(self, items)
+
+    async def logged_sync(self):
+        events.append("sync")
+        return await sync(self)
+
+    async def logged_publish(*args, **kwargs):
+        events.append("publish")
+        return await publish(*args, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "put", logged_put)
+    monkeypatch.setattr(LocalStorage, "_put_batch", logged_put_batch)
+    monkeypatch.setattr(LocalStorage, "sync", logged_sync)
+    monkeypatch.setattr(_commit, "publish", logged_publish)
+    monkeypatch.setattr(_reuse, "view_hashes", lambda *a: events.append("hash") or view_hashes(*a))
+    monkeypatch.setattr(
+        _write.Plan,
+        "_hashes_of",
+        lambda self, leaves: events.append("hash") or hashes_of(self, leaves),
+    )
+    state["W"] += 1.0
+    for v in state["small"].values():
+        v += 1.0
+    zarrckpt.save_pytree(root, state, verbose=False)
+    (step_dir,) = _steps(root).values()  # (keep=1)
+    record = events.index(f"put {step_dir.name}/zarr.json")
+    data = [i for i, e in enumerate(events) if e.startswith("put ") and i != record]
+    hashed = [i for i, e in enumerate(events) if e == "hash"]
+    syncs = [i for i, e in enumerate(events) if e == "sync"]
+    assert data and hashed and max(data) < min(hashed)  # written, then hashed
+    assert syncs[0] < min(hashed)  # the flush of the data began first
+    assert max(hashed) < record < syncs[1] < events.index("publish")
+    layout, hashes = _record_hashes(step_dir)["W"]
+    assert hashes == _reuse.chunk_hashes(layout, state["W"])
+    assert cli.main(["verify", root]) == 0
+
+
+@pytest.mark.parametrize("failing", ["write_step", "step_record_bytes", "sync"])
 def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, monkeypatch, failing):
-    """A save that fails while leaves are being hashed meanwhile (in the write, or before
-    it: the first serialization of the record): the hashing not started is dropped, the
-    committed step is untouched, and the next save saves."""
+    """A save that fails before the leaves expected to change are hashed (in the write, or
+    before it: the first serialization of the record), or while they are (the flush of
+    their bytes): nothing more is hashed, the committed step is untouched, and the next
+    save saves."""
     from zarrckpt import _write
+    from zarrckpt._storage.local import LocalStorage
 
     root = str(tmp_path / "run")
     state = {f"s{i}": np.zeros(1000) for i in range(200)}  # 4 batches of 64 or fewer
@@ -720,20 +784,23 @@ def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, mo
         lambda self: cancelled.append(len(self.later)) or cancel(self),
     )
 
-    async def failing_write(*args, **kwargs):
+    async def failing_async(*args, **kwargs):
         raise OSError("disk full")
 
     def failing_record(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(
-        _write, failing, failing_write if failing == "write_step" else failing_record
-    )
+    if failing == "sync":
+        monkeypatch.setattr(LocalStorage, "sync", failing_async)
+    else:
+        monkeypatch.setattr(
+            _write, failing, failing_async if failing == "write_step" else failing_record
+        )
     for v in state.values():
         v += 1.0
     with pytest.raises(OSError, match="disk full"):
         zarrckpt.save_pytree(root, state, verbose=False)
-    assert cancelled == [4]
+    assert cancelled == [4 if failing == "sync" else 0]  # (batches begun before it failed)
     monkeypatch.undo()
     assert np.array_equal(zarrckpt.load_pytree(root)["s7"], state["s7"] - 1.0)
     zarrckpt.save_pytree(root, state, verbose=False)

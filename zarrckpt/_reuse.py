@@ -14,10 +14,10 @@ A ``jax.Array`` is immutable, so the same object hashed by an earlier save of th
 keeps its hashes: it is not hashed again (:func:`known_hashes`).
 
 A leaf of which every chunk changed in this process's last save into the root (a training
-loop's weights) is expected to change again: the next save writes it whole while it hashes
-it, instead of hashing first (the hashes go into the step record, written last). If it did
-not change after all, that save writes bytes it could have linked; the one after compares
-first again.
+loop's weights) is expected to change again: the next save writes it whole without
+comparing, and hashes it once all the step's data is written, while the disk flushes it
+(the hashes go into the step record, written last). If it did not change after all, that
+save writes bytes it could have linked; the one after compares first again.
 """
 
 from __future__ import annotations

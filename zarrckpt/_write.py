@@ -164,10 +164,11 @@ class Plan:
         return {leaf.path: self._hashes_now(leaf) for leaf in leaves}
 
     def speculative(self, previous: _reuse.Previous | None) -> frozenset[str]:
-        """The leaves to write while they are hashed (:meth:`hash_later`), not hashed first:
-        those of which every chunk changed in the previous save (``previous.changed``),
-        when hashing them would take longer than serializing the step record a second
-        time (once for the recycled directory's check, once with their hashes)."""
+        """The leaves to write without comparing, hashed once the step's data is written
+        (:meth:`hash_later`, while ``commit_step`` flushes it): those of which every chunk
+        changed in the previous save (``previous.changed``), when hashing them would take
+        longer than serializing the step record a second time (once for the recycled
+        directory's check, once with their hashes)."""
         if previous is None or not previous.changed:
             return frozenset()
         leaves = [
@@ -182,11 +183,16 @@ class Plan:
         return frozenset(leaf.path for leaf in leaves)
 
     def hash_later(self, paths: frozenset[str]) -> Callable[[], dict[str, list[str]]]:
-        """Start hashing the leaves ``paths`` on the hash pool (in batches; those that
-        :func:`plan` began hashing carry on); the function returned waits for their
-        hashes and puts them into the tree record too. Cancelled with the rest by
-        :meth:`cancel_hashing`."""
+        """Start hashing the leaves ``paths`` on the hash pool (large ones in runs of
+        chunks, the others in batches; those that :func:`plan` began hashing carry on);
+        the function returned waits for their hashes and puts them into the tree record
+        too. Cancelled with the rest by :meth:`cancel_hashing`."""
         todo = [leaf for leaf in self.leaves if leaf.path in paths]
+        for leaf in todo:
+            if leaf.path not in self.hashing and _worth_hashing_ahead(
+                leaf, self.sources.get(leaf.path)
+            ):
+                self.hashing[leaf.path] = _hash_ahead(leaf)
         ahead = [leaf for leaf in todo if leaf.path in self.hashing]
         small = [leaf for leaf in todo if leaf.path not in self.hashing]
         pool = hash_executor()
@@ -284,11 +290,11 @@ class Plan:
 _HASH_AHEAD_BYTES = 4 * 1024 * 1024
 
 
-#: Whether a save hashes a leaf expected to change before or while writing it
-#: (:meth:`Plan.speculative`) weighs these, measured on a 2-core VM: xxh3-128 runs at
-#: ~28 GB/s on a large leaf alone (20 GB/s is assumed beside the save's other work), a
-#: small leaf costs ~8 µs with the Python around it, and the step record's JSON ~3 µs per
-#: leaf.
+#: Whether a save hashes a leaf expected to change before writing it or after (while the
+#: data is flushed: :meth:`Plan.speculative`) weighs these, measured on a 2-core VM:
+#: xxh3-128 runs at ~28 GB/s on a large leaf alone (20 GB/s is assumed beside the save's
+#: other work), a small leaf costs ~8 µs with the Python around it, and the step record's
+#: JSON ~3 µs per leaf.
 _HASHED_BYTES_PER_S = 20e9
 _HASH_S_PER_LEAF = 8e-6
 _RECORD_S_PER_LEAF = 3e-6
@@ -306,8 +312,9 @@ def plan(
     hash_ahead: bool = False, previous: _reuse.Previous | None = None,
 ) -> Plan:  # fmt: skip
     """``target`` flattened into host arrays and records; with ``hash_ahead``, the chunk
-    hashes of its large leaves (those an earlier save did not know) start at once. The
-    leaves that ``previous`` holds whole are carried (:class:`Carried`)."""
+    hashes of its large leaves (those an earlier save did not know, nor expects to have
+    changed: ``previous.changed``) start at once. The leaves that ``previous`` holds whole
+    are carried (:class:`Carried`)."""
     record, flat, groups = _tree.flatten(target)
     by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
     unknown = sorted(set(dims or ()) - set(by_path))
@@ -316,6 +323,8 @@ def plan(
             f"dims names {unknown}, which are not leaves of the tree; its leaves are "
             f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
         )
+    # (a leaf expected to change is hashed once its bytes are written: Plan.speculative)
+    expected = previous.changed if previous is not None else frozenset()
     leaves: list[LeafData] = []
     carried: list[Carried] = []
     sources: dict[str, Any] = {}
@@ -334,7 +343,7 @@ def plan(
                 planned[path] = known
             if source is not None:
                 sources[path] = source
-            if hash_ahead and _worth_hashing_ahead(leaf, source):
+            if hash_ahead and _worth_hashing_ahead(leaf, source) and path not in expected:
                 hashing[path] = _hash_ahead(leaf)
     except BaseException:
         _cancel(hashing)
@@ -699,7 +708,6 @@ def _save(
         current = snapshot.carried_over(previous)
         later = current.speculative(previous) if incremental else frozenset()
         hashes = current.hash_chunks(later) if incremental else {}
-        hashed_later = current.hash_later(later) if later else None
         # (without the hashes of ``later``: enough to tell a recycled directory's metadata)
         record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
         linked = current.linkable(previous, hashes, later) if previous is not None else []
@@ -741,19 +749,21 @@ def _save(
                 return unchanged, leaves
 
             async def write(old_record: bytes | None) -> None:
-                nonlocal record
                 unchanged, leaves = await link(await recycled(old_record))
                 await write_step(
                     storage, info.dir, leaves, current.groups,
-                    None if hashed_later else record, progress, unchanged=unchanged,
+                    None if later else record, progress, unchanged=unchanged,
                 )  # fmt: skip
-                if hashed_later:  # the record, with the hashes computed meanwhile, last
-                    record = await asyncio.get_running_loop().run_in_executor(
-                        None, finish_record, hashed_later
-                    )
-                    await storage.put(f"{info.dir}/zarr.json", [record])
 
-            def finish_record(wait: Callable[[], dict[str, list[str]]]) -> bytes:
+            async def finish_record() -> bytes:
+                """The record with the hashes of ``later``, hashed now that their bytes are
+                written (commit_step writes it while it flushes those)."""
+                nonlocal record
+                wait = current.hash_later(later)
+                record = await asyncio.get_running_loop().run_in_executor(None, complete, wait)
+                return record
+
+            def complete(wait: Callable[[], dict[str, list[str]]]) -> bytes:
                 hashes.update(wait())
                 return step_record_bytes(number, current.record, _tree.NAMING_VERSION)
 
@@ -765,8 +775,9 @@ def _save(
 
             if collective is None:
                 assert base is not None  # decided by this process
+                finish = finish_record if later else record
                 _, collect_error = run(
-                    commit_step(storage, base, token, info, keep, lambda: record, write, recycle)
+                    commit_step(storage, base, token, info, keep, finish, write, recycle)
                 )
             else:
                 collect_error = collective.commit(
