@@ -646,10 +646,10 @@ def _record_hashes(step_dir: Path) -> dict[str, tuple[ArrayLayout, list[str]]]:
     return {r["path"]: (ArrayLayout.from_json(r), r["xxh3"]) for r in _tree.iter_leaf_records(tree)}
 
 
-def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, monkeypatch):
+def test_leaves_that_changed_wholly_are_written_without_comparing(tmp_path, monkeypatch):
     """A leaf of which every chunk changed in the previous save (a training loop's weights) is
-    written while it is hashed, not hashed first: the step record still gets its exact
-    hashes, and a leaf that did not change after all is written once more, then linked."""
+    written without being compared first: the step record still gets its exact hashes, and
+    a leaf that did not change after all is written once more, then linked."""
     from zarrckpt import _write
 
     root = str(tmp_path / "run")
@@ -699,21 +699,30 @@ def test_leaves_that_changed_wholly_are_written_while_they_are_hashed(tmp_path, 
     assert cli.main(["verify", root, "--all"]) == 0  # records, crc32c and hashes agree
 
 
-def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_path, monkeypatch):
-    """A save's leaves expected to change are hashed only once all its data is written
-    (their hashing then takes no CPU from the writes): while the disk flushes it. The step
-    record with their hashes is written after that, last, and flushed before the commit."""
-    from zarrckpt import _commit, _write
-    from zarrckpt._storage.local import LocalStorage
-
-    root = str(tmp_path / "run")
+def _expected_to_change(root: str) -> dict:
+    """A state saved twice into ``root`` (the second save learns that W changed), W changed
+    again for a third save."""
     state = {
         "W": np.ones((2048, 1100), np.float32),  # 8.6 MiB: hashed in runs of chunks
         "small": {f"s{i}": np.zeros(100) for i in range(100)},
     }
-    for _ in range(2):  # (the second save learns what changed)
+    for _ in range(2):
         state["W"] += 1.0
         zarrckpt.save_pytree(root, state, verbose=False)
+    state["W"] += 1.0
+    return state
+
+
+def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_path, monkeypatch):
+    """On a local disk a save's leaves expected to change are hashed only once all its data
+    is written (their hashing then takes no CPU from the writes): while the disk flushes
+    it. The step record with their hashes is written after that, last, and flushed alone
+    (fsync: the data is durable already) before the commit."""
+    from zarrckpt import _commit, _write
+    from zarrckpt._storage.local import LocalStorage
+
+    root = str(tmp_path / "run")
+    state = _expected_to_change(root)
     events: list[str] = []
     put, put_batch, sync = LocalStorage.put, LocalStorage._put_batch, LocalStorage.sync
     view_hashes, hashes_of, publish = _reuse.view_hashes, _write.Plan._hashes_of, _commit.publish
@@ -726,9 +735,9 @@ def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_
         events.extend(f"put {key}" for key, _ in items)
         return put_batch(self, items)
 
-    async def logged_sync(self):
-        events.append("sync")
-        return await sync(self)
+    async def logged_sync(self, keys=()):
+        events.append(f"sync {' '.join(keys)}".strip())
+        return await sync(self, keys)
 
     async def logged_publish(*args, **kwargs):
         events.append("publish")
@@ -744,20 +753,44 @@ def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_
         "_hashes_of",
         lambda self, leaves: events.append("hash") or hashes_of(self, leaves),
     )
-    state["W"] += 1.0
-    for v in state["small"].values():
-        v += 1.0
     zarrckpt.save_pytree(root, state, verbose=False)
     (step_dir,) = _steps(root).values()  # (keep=1)
-    record = events.index(f"put {step_dir.name}/zarr.json")
+    record_key = f"{step_dir.name}/zarr.json"
+    record = events.index(f"put {record_key}")
     data = [i for i, e in enumerate(events) if e.startswith("put ") and i != record]
     hashed = [i for i, e in enumerate(events) if e == "hash"]
-    syncs = [i for i, e in enumerate(events) if e == "sync"]
-    assert data and hashed and max(data) < min(hashed)  # written, then hashed
-    assert syncs[0] < min(hashed)  # the flush of the data began first
-    assert max(hashed) < record < syncs[1] < events.index("publish")
+    assert data and hashed and max(data) < events.index("sync") < min(hashed)
+    assert max(hashed) < record < events.index(f"sync {record_key}") < events.index("publish")
     layout, hashes = _record_hashes(step_dir)["W"]
     assert hashes == _reuse.chunk_hashes(layout, state["W"])
+    assert cli.main(["verify", root]) == 0
+
+
+def test_leaves_expected_to_change_are_hashed_while_written_where_writes_are_durable(
+    monkeypatch,
+):
+    """On a store without a flush to wait for (object stores; here memory://) the leaves
+    expected to change are hashed while they are written, as there is no later wait to
+    hide the hashing in."""
+    from zarrckpt import _write
+
+    root = f"memory://{os.urandom(8).hex()}/run"
+    state = _expected_to_change(root)
+    events: list[str] = []
+    hash_later, write_step = _write.Plan.hash_later, _write.write_step
+
+    async def logged_write_step(*args, **kwargs):
+        events.append("write")
+        await write_step(*args, **kwargs)
+        events.append("written")
+
+    monkeypatch.setattr(
+        _write.Plan, "hash_later", lambda *a: events.append("hash") or hash_later(*a)
+    )
+    monkeypatch.setattr(_write, "write_step", logged_write_step)
+    zarrckpt.save_pytree(root, state, verbose=False)
+    assert events == ["hash", "write", "written"]
+    assert np.array_equal(zarrckpt.load_pytree(root)["W"], state["W"])
     assert cli.main(["verify", root]) == 0
 
 
@@ -765,13 +798,13 @@ def test_leaves_expected_to_change_are_hashed_while_their_bytes_are_flushed(tmp_
 def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, monkeypatch, failing):
     """A save that fails before the leaves expected to change are hashed (in the write, or
     before it: the first serialization of the record), or while they are (the flush of
-    their bytes): nothing more is hashed, the committed step is untouched, and the next
-    save saves."""
-    from zarrckpt import _write
+    their bytes): it fails at once, the hashing not begun is dropped, the committed step
+    is untouched, and the next save saves."""
+    from zarrckpt import _sync, _write
     from zarrckpt._storage.local import LocalStorage
 
     root = str(tmp_path / "run")
-    state = {f"s{i}": np.zeros(1000) for i in range(200)}  # 4 batches of 64 or fewer
+    state = {f"s{i}": np.zeros(1000) for i in range(1000)}  # 16 batches of 64 or fewer
     for _ in range(2):
         for v in state.values():
             v += 1.0
@@ -783,13 +816,23 @@ def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, mo
         "cancel_hashing",
         lambda self: cancelled.append(len(self.later)) or cancel(self),
     )
+    started, release, ran = threading.Event(), threading.Event(), []
+    hashes_of = _write.Plan._hashes_of
+
+    def held(self, leaves):  # (each batch waits until the save has failed, or 2 s)
+        started.set()
+        ran.append(release.wait(2))
+        return hashes_of(self, leaves)
 
     async def failing_async(*args, **kwargs):
+        if failing == "sync":  # (the flush fails once the hashing is under way)
+            await asyncio.to_thread(started.wait, 10)
         raise OSError("disk full")
 
     def failing_record(*args, **kwargs):
         raise OSError("disk full")
 
+    monkeypatch.setattr(_write.Plan, "_hashes_of", held)
     if failing == "sync":
         monkeypatch.setattr(LocalStorage, "sync", failing_async)
     else:
@@ -800,7 +843,10 @@ def test_a_failed_save_while_hashing_later_keeps_the_committed_step(tmp_path, mo
         v += 1.0
     with pytest.raises(OSError, match="disk full"):
         zarrckpt.save_pytree(root, state, verbose=False)
-    assert cancelled == [4 if failing == "sync" else 0]  # (batches begun before it failed)
+    release.set()
+    _sync.hash_executor().submit(lambda: None).result(timeout=30)  # (after what was begun)
+    assert cancelled == [16 if failing == "sync" else 0]  # (batches submitted)
+    assert len(ran) <= _sync.HASH_THREADS and all(ran)  # those begun; none waited 2 s
     monkeypatch.undo()
     assert np.array_equal(zarrckpt.load_pytree(root)["s7"], state["s7"] - 1.0)
     zarrckpt.save_pytree(root, state, verbose=False)

@@ -18,7 +18,8 @@ lists it; readers trust nothing else. Saving step ``N`` is, in this order:
    (~50 ms for 6,000 inodes, against ~1 s for ``fsync`` of each). A completed PUT to an
    object store is durable already. An incremental save whose record awaits the hashes of
    leaves it wrote without comparing (``_reuse``) writes the record during this step: it
-   hashes them while the data is flushed, then writes the record, then flushes again.
+   hashes them while the data is flushed, then writes the record and flushes it alone
+   (``fsync`` of the file and of its directory).
 4. **Publish.** Replace the manifest with one that lists the new step (its entry carries
    the crc32c of the step record), *if it is still the manifest this save started from*:
    locally under an exclusive ``flock`` on ``.zarrckpt.lock`` (temp file, ``fsync``,
@@ -232,15 +233,25 @@ async def _record_last(
 ) -> bytes:
     """Write the step record that ``make()`` completes, last, and make the step durable:
     the data is flushed while ``make()`` runs (on a local disk a save's CPU work then
-    overlaps the wait for the disk), the record after it (one small file: quick)."""
+    overlaps the wait for the disk), then the record alone. A failure of either stops the
+    other."""
     flushing = asyncio.ensure_future(storage.sync())
+    await asyncio.sleep(0)  # (the flush begins first)
+    making = asyncio.ensure_future(make())
     try:
-        record = await make()
-    finally:
-        await asyncio.gather(flushing, return_exceptions=True)  # (its error: below)
-    await flushing
-    await storage.put(f"{step_dir}/zarr.json", [record])
-    await storage.sync()
+        done, _ = await asyncio.wait((flushing, making), return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # (the first error)
+        await flushing
+        record = await making
+    except BaseException:
+        for task in (flushing, making):
+            task.cancel()
+        await asyncio.gather(flushing, making, return_exceptions=True)
+        raise
+    key = f"{step_dir}/zarr.json"
+    await storage.put(key, [record])
+    await storage.sync([key])
     return record
 
 

@@ -118,7 +118,7 @@ class Previous:
     dir: str
     leaves: dict[str, tuple[ArrayLayout, Any, list[str]]]
     #: the leaves of which every chunk differed from the step before (known only of a step
-    #: this process committed): the next save writes them while it hashes them
+    #: this process committed): the next save writes them without comparing, then hashes them
     changed: frozenset[str] = frozenset()
 
     @classmethod

@@ -96,7 +96,7 @@ class Plan:
     #: leaf path -> the plan of the jax.Array it came from (:class:`_Planned`), for the
     #: leaves to write
     planned: dict[str, _Planned] = field(default_factory=dict)
-    #: batches of leaves being hashed while the step is written (:meth:`hash_later`)
+    #: batches of leaves being hashed for the step record, written last (:meth:`hash_later`)
     later: list[Future[dict[str, list[str]]]] = field(default_factory=list)
 
     def carried_over(self, previous: _reuse.Previous | None) -> Plan:
@@ -128,10 +128,14 @@ class Plan:
         or known from an earlier save of the same ``jax.Array``. Sharded leaves have none,
         nor do the leaves of ``later`` yet (:meth:`hash_later`). (A save that fails
         cancels what is still hashing: ``_save``'s task.)"""
+        todo = [
+            leaf
+            for leaf in self.leaves
+            if not isinstance(leaf.array, Shards) and leaf.path not in later
+        ]
+        self._hash_large(todo)  # (those plan expected to change, then not written unhashed)
         hashes = {}
-        for leaf in self.leaves:
-            if isinstance(leaf.array, Shards) or leaf.path in later:
-                continue
+        for leaf in todo:
             found = self._hashes_ahead(leaf)
             if found is None:
                 found = self._hashes_now(leaf)
@@ -139,6 +143,14 @@ class Plan:
         for carried in self.carried:  # (their records have them: _plan_leaf)
             hashes[carried.path] = carried.entry[2]
         return hashes
+
+    def _hash_large(self, leaves: list[LeafData]) -> None:
+        """Start hashing those of ``leaves`` worth it (large) on the hash pool, unless begun."""
+        for leaf in leaves:
+            if leaf.path not in self.hashing and _worth_hashing_ahead(
+                leaf, self.sources.get(leaf.path)
+            ):
+                self.hashing[leaf.path] = _hash_ahead(leaf)
 
     def _hashes_ahead(self, leaf: LeafData) -> list[str] | None:
         """``leaf``'s hashes if :func:`plan` began them (waiting for them), else None."""
@@ -188,11 +200,7 @@ class Plan:
         the function returned waits for their hashes and puts them into the tree record
         too. Cancelled with the rest by :meth:`cancel_hashing`."""
         todo = [leaf for leaf in self.leaves if leaf.path in paths]
-        for leaf in todo:
-            if leaf.path not in self.hashing and _worth_hashing_ahead(
-                leaf, self.sources.get(leaf.path)
-            ):
-                self.hashing[leaf.path] = _hash_ahead(leaf)
+        self._hash_large(todo)
         ahead = [leaf for leaf in todo if leaf.path in self.hashing]
         small = [leaf for leaf in todo if leaf.path not in self.hashing]
         pool = hash_executor()
@@ -220,7 +228,7 @@ class Plan:
         later: frozenset[str] = frozenset(),
     ) -> list[str]:
         """Keys of this step (relative to its directory) whose bytes ``previous`` holds
-        under the same key (of the leaves of ``later``, hashed meanwhile: the metadata)."""
+        under the same key (of the leaves of ``later``, hashed later: the metadata)."""
         linked = []
         for leaf in self.leaves:
             if leaf.path not in hashes:
@@ -309,12 +317,13 @@ def _known_hashes(leaf: LeafData, source: Any) -> list[str] | None:
 def plan(
     target: Any, *, copy: bool, chunk_bytes: int | None, codec: str | None,
     dims: dict[str, Sequence[str]] | None = None, collective: bool = False,
-    hash_ahead: bool = False, previous: _reuse.Previous | None = None,
+    hash_ahead: bool = False, previous: _reuse.Previous | None = None, flushes: bool = False,
 ) -> Plan:  # fmt: skip
     """``target`` flattened into host arrays and records; with ``hash_ahead``, the chunk
-    hashes of its large leaves (those an earlier save did not know, nor expects to have
-    changed: ``previous.changed``) start at once. The leaves that ``previous`` holds whole
-    are carried (:class:`Carried`)."""
+    hashes of its large leaves (those an earlier save did not know) start at once, except,
+    on a store that ``flushes`` its writes (``Storage.durable``), the leaves expected to
+    change (``previous.changed``): the save hashes those while the store flushes. The
+    leaves that ``previous`` holds whole are carried (:class:`Carried`)."""
     record, flat, groups = _tree.flatten(target)
     by_path = {rec["path"]: rec for rec in _tree.iter_leaf_records(record)}
     unknown = sorted(set(dims or ()) - set(by_path))
@@ -323,8 +332,7 @@ def plan(
             f"dims names {unknown}, which are not leaves of the tree; its leaves are "
             f"{sorted(by_path)[:20]}{' ...' if len(by_path) > 20 else ''}"
         )
-    # (a leaf expected to change is hashed once its bytes are written: Plan.speculative)
-    expected = previous.changed if previous is not None else frozenset()
+    expected = previous.changed if previous is not None and flushes else frozenset()
     leaves: list[LeafData] = []
     carried: list[Carried] = []
     sources: dict[str, Any] = {}
@@ -653,6 +661,7 @@ def _save(
             collective=collective is not None,
             hash_ahead=incremental,
             previous=_reuse.last_committed(storage) if incremental else None,
+            flushes=storage.durable,
         )
 
     def decide() -> tuple[Manifest, Any, StepInfo]:
@@ -748,7 +757,11 @@ def _save(
                 progress(done)
                 return unchanged, leaves
 
+            hashing: list[Callable[[], dict[str, list[str]]]] = []
+
             async def write(old_record: bytes | None) -> None:
+                if later and not storage.durable:  # (no flush to hash during: hash now)
+                    hashing.append(current.hash_later(later))
                 unchanged, leaves = await link(await recycled(old_record))
                 await write_step(
                     storage, info.dir, leaves, current.groups,
@@ -756,10 +769,11 @@ def _save(
                 )  # fmt: skip
 
             async def finish_record() -> bytes:
-                """The record with the hashes of ``later``, hashed now that their bytes are
-                written (commit_step writes it while it flushes those)."""
+                """The record with the hashes of ``later``: hashed now that their bytes are
+                written, while commit_step flushes them (or while they were written, on a
+                store that does not flush)."""
                 nonlocal record
-                wait = current.hash_later(later)
+                wait = hashing[0] if hashing else current.hash_later(later)
                 record = await asyncio.get_running_loop().run_in_executor(None, complete, wait)
                 return record
 

@@ -235,8 +235,9 @@ class Storage:
         """Delete everything under ``prefix``."""
         raise NotImplementedError
 
-    async def sync(self) -> None:
-        """Make everything written so far durable (no-op where writes already are)."""
+    async def sync(self, keys: Sequence[str] = ()) -> None:
+        """Make everything written so far durable, or only the files ``keys`` (with their
+        names in their directories); a no-op where writes are durable already."""
 
     def is_file(self) -> bool:
         """Whether the root is an existing non-directory (e.g. an old msgpack checkpoint)."""

@@ -587,9 +587,22 @@ class LocalStorage(Storage):
     async def delete_dir(self, prefix: str) -> None:
         await self._run("deleting", prefix, self._delete_dir, prefix)
 
-    async def sync(self) -> None:
-        if self.root.exists():
+    async def sync(self, keys: Sequence[str] = ()) -> None:
+        if keys:
+            for key in keys:
+                await self._run("flushing", key, self._fsync, key)
+        elif self.root.exists():
             await self._run("flushing", "", _syncfs, self.root)
+
+    def _fsync(self, key: str) -> None:
+        """Flush one file and its directory (which holds its name)."""
+        path = self._path(key)
+        for target, flags in ((path, os.O_RDONLY), (os.path.dirname(path), os.O_DIRECTORY)):
+            fd = os.open(target, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def is_file(self) -> bool:
         return self.root.exists() and not self.root.is_dir()
