@@ -33,7 +33,7 @@ IO_THREADS = int(os.environ.get("ZARRCKPT_IO_THREADS", "8"))
 #: threads than cores only add GIL hand-offs (measured: 8 threads ~2x slower than 2).
 BATCH_THREADS = int(os.environ.get("ZARRCKPT_BATCH_THREADS", str(min(4, os.cpu_count() or 1))))
 
-#: Threads that hash large leaves ahead of a save's writes (``_write._hash_ahead``): half
+#: Threads that hash large leaves and batches of small ones for a save (``_write``): half
 #: the cores, 2 to 8. Hashing is bound by memory bandwidth (on a 2-core VM, 2 threads hash
 #: 1 GiB no faster than 1, in 35 ms); a server's one core reaches a fraction of its
 #: bandwidth, hence more there (not measured here). A pool of its own keeps hashing from
@@ -153,7 +153,7 @@ def batch_executor() -> ThreadPoolExecutor:
 
 
 def hash_executor() -> ThreadPoolExecutor:
-    """The pool that hashes large leaves ahead of a save's writes (see ``HASH_THREADS``)."""
+    """The pool that hashes leaves for a save's record (see ``HASH_THREADS``)."""
     return _pool("hash", HASH_THREADS)
 
 

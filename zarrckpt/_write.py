@@ -720,6 +720,9 @@ def _save(
         # (without the hashes of ``later``: enough to tell a recycled directory's metadata)
         record = step_record_bytes(number, current.record, _tree.NAMING_VERSION)
         linked = current.linkable(previous, hashes, later) if previous is not None else []
+        # A store that does not flush (writes are durable when done) leaves no wait to hide
+        # the hashing of ``later`` in: it runs while they are written.
+        started = current.hash_later(later) if later and not storage.durable else None
         total = sum(leaf.nbytes for leaf in current.leaves)
         total += sum(carried.layout.nbytes for carried in current.carried)
         with progress_bar(total, f"save step {number}", show_bar) as progress:
@@ -757,11 +760,7 @@ def _save(
                 progress(done)
                 return unchanged, leaves
 
-            hashing: list[Callable[[], dict[str, list[str]]]] = []
-
             async def write(old_record: bytes | None) -> None:
-                if later and not storage.durable:  # (no flush to hash during: hash now)
-                    hashing.append(current.hash_later(later))
                 unchanged, leaves = await link(await recycled(old_record))
                 await write_step(
                     storage, info.dir, leaves, current.groups,
@@ -773,7 +772,7 @@ def _save(
                 written, while commit_step flushes them (or while they were written, on a
                 store that does not flush)."""
                 nonlocal record
-                wait = hashing[0] if hashing else current.hash_later(later)
+                wait = started or current.hash_later(later)
                 record = await asyncio.get_running_loop().run_in_executor(None, complete, wait)
                 return record
 
